@@ -1,0 +1,53 @@
+"""Batched greedy decoding on the HF side: the reference for extraction and for the vLLM equivalence check."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from depn_serve.records import PrivateRecord, encode_record
+
+
+def pad_id_of(tokenizer) -> int:
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return tok_id
+    return 0
+
+
+@torch.no_grad()
+def greedy_generate(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, batch_size: int = 64
+) -> list[list[int]]:
+    """Greedy continuations of token-id prompts (left-padded batches; rows that hit EOS are padded)."""
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, prompt in enumerate(chunk):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+        out.extend(generated[:, width:].tolist())
+    return out
+
+
+def greedy_extraction(model, tokenizer, records: Sequence[PrivateRecord], prompts: Sequence[str] | None = None
+                      ) -> list[bool]:
+    """Whether greedy decoding after each record's prompt reproduces its secret token for token."""
+    encoded = [
+        encode_record(tokenizer, rec, None if prompts is None else prompts[i]) for i, rec in enumerate(records)
+    ]
+    longest = max(len(secret) for _, secret in encoded)
+    continuations = greedy_generate(model, [p for p, _ in encoded], longest, pad_id_of(tokenizer))
+    return [cont[: len(secret)] == secret for cont, (_, secret) in zip(continuations, encoded)]
