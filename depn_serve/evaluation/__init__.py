@@ -1,0 +1,1 @@
+"""Evaluation: extraction, exposure, MRR and validation perplexity before and after a mask, per tenant."""

@@ -1,0 +1,207 @@
+"""The `depn` command line: test-bed, detection, aggregation, masks, evaluation, demo."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console()
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@contextmanager
+def _progress(description: str) -> Iterator[tuple]:
+    """(on_start(total), advance()) callbacks driving one rich progress bar."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console, transient=False,
+    ) as progress:
+        task = progress.add_task(description, total=None)
+        yield (lambda total: progress.update(task, total=total)), (lambda: progress.advance(task))
+
+
+def _parse_layers(value: str | None, model_dir: Path) -> list[int] | None:
+    """'A:B' (Python slice, B exclusive; either end may be omitted) or a single index."""
+    if value is None:
+        return None
+    from depn_serve.arch import mlp_shape, read_config
+
+    every = list(range(mlp_shape(read_config(model_dir)).num_layers))
+    try:
+        if ":" in value:
+            start, _, stop = value.partition(":")
+            chosen = every[slice(int(start) if start else None, int(stop) if stop else None)]
+        else:
+            chosen = [every[int(value)]]
+    except (ValueError, IndexError):
+        raise click.BadParameter(f"expected A:B or an index within {len(every)} layers, found {value!r}",
+                                 param_hint="--layers") from None
+    if not chosen:
+        raise click.BadParameter(f"{value!r} selects no layer of {len(every)}", param_hint="--layers")
+    return chosen
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc)) from exc
+
+
+@click.group()
+@click.version_option(package_name="depn-serve")
+def main() -> None:
+    """DEPN: detect and edit privacy neurons, and serve per-tenant masks."""
+    _quiet_transformers()
+
+
+# --- test-bed ----------------------------------------------------------------------------------------------------
+@main.group()
+def testbed() -> None:
+    """The built-in memorizing test-bed."""
+
+
+@testbed.command("build")
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--profile", type=click.Choice(["ci", "default"]), default="ci", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def testbed_build(out: Path, profile: str, seed: int) -> None:
+    """Build a small Llama that has memorized private records injected into synthetic e-mail."""
+    from depn_serve.testbed import build_testbed
+
+    info = build_testbed(out, profile, seed, progress=True)
+    console.print_json(info.model_dump_json())
+
+
+# --- detection ---------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--records", "records_path", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--tenant", default=None, help="score only this tenant's records")
+@click.option("--steps", default=20, show_default=True, help="integrated-gradient steps (m)")
+@click.option("--layers", default=None, help="layer range A:B (B exclusive); default all")
+@click.option("--batch-rows", default=512, show_default=True, help="rows (token x layer x step) per forward pass")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+def detect(model_dir, records_path, tenant, steps, layers, batch_rows, device, out) -> None:
+    """Score every MLP neuron for each private record (integrated gradients) -> SCORES."""
+    import time
+
+    from depn_serve.detection import detect_to_file
+
+    started = time.perf_counter()
+    try:
+        with _progress("detecting") as (on_start, advance):
+            manifest = detect_to_file(
+                model_dir, records_path, out, tenant=tenant, steps=steps, layers=_parse_layers(layers, model_dir),
+                batch_rows=batch_rows, device=device, on_start=on_start, on_record_done=advance,
+            )
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    n = len(manifest.record_tenants)
+    seconds = time.perf_counter() - started
+    console.print(f"scored {n} records in {seconds:.1f} s ({seconds / n:.2f} s/record) -> {out}")
+
+
+# --- aggregation -------------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("scores", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--tenant", required=True)
+@click.option("--threshold", default=0.1, show_default=True, help="keep neurons >= threshold x record max")
+@click.option("--top-z", "top_z", type=int, default=None, help="mask size (default: 1% of MLP neurons)")
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+def aggregate(scores, tenant, threshold, top_z, out) -> None:
+    """Let a tenant's records vote; keep the top-z neurons as the tenant's mask."""
+    from depn_serve.aggregation import aggregate_file
+
+    try:
+        mask = aggregate_file(scores, tenant, threshold, top_z)
+    except ValueError as exc:
+        _fail(exc)
+    mask.save(out)
+    m = mask.manifest
+    console.print(f"mask for tenant {tenant!r}: {m.neuron_count} neurons from {m.provenance.records} records -> {out}")
+
+
+# --- masks -------------------------------------------------------------------------------------------------------
+@main.group()
+def masks() -> None:
+    """Inspect mask files."""
+
+
+@masks.command("inspect")
+@click.argument("mask_path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="manifest plus neuron indices per layer")
+@click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), default=None, help="write a PNG")
+def masks_inspect(mask_path, as_json, plot) -> None:
+    """Summary and per-layer histogram of a mask."""
+    from depn_serve.masks import MaskError, NeuronMask
+
+    try:
+        mask = NeuronMask.load(mask_path)
+    except MaskError as exc:
+        _fail(exc)
+    m = mask.manifest
+    if as_json:
+        doc = json.loads(m.model_dump_json())
+        doc["neurons"] = {str(layer): idx for layer, idx in mask.neurons().items()}
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        console.print(f"[bold]{mask_path}[/]  tenant [bold]{m.tenant}[/]  {m.architecture}  "
+                      f"{m.num_layers} layers x {m.intermediate_size}  fingerprint {m.model_fingerprint.short}")
+        console.print(f"{m.neuron_count} neurons masked ({100 * m.neuron_count / (m.num_layers * m.intermediate_size):.2f} %), "
+                      f"method {m.provenance.method}, {m.provenance.records} records, created {m.provenance.created_at:%Y-%m-%d %H:%M} UTC")
+        peak = max(m.neurons_per_layer) or 1
+        for layer, count in enumerate(m.neurons_per_layer):
+            console.print(f"  layer {layer:>3} {count:>6}  {'█' * round(40 * count / peak)}")
+    if plot:
+        from depn_serve.plots import plot_mask_layers
+
+        plot_mask_layers(mask, plot)
+        if not as_json:
+            console.print(f"plot -> {plot}")
+
+
+# --- evaluation --------------------------------------------------------------------------------------------------
+@main.command("eval")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--records", "records_path", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--valid", "valid_path", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--mask", "mask_path", type=click.Path(path_type=Path, dir_okay=False), default=None)
+@click.option("--random-baseline/--no-random-baseline", default=True, show_default=True,
+              help="also evaluate a random mask of the same size")
+@click.option("--exposure-samples", default=1000, show_default=True, help="candidates for the skew-normal fit")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), default=None)
+def eval_cmd(model_dir, records_path, valid_path, mask_path, random_baseline, exposure_samples, seed, device,
+             json_out) -> None:
+    """Extraction, exposure, MRR and validation perplexity, before and after a mask, per tenant."""
+    from depn_serve.evaluation.metrics import EvalSettings
+    from depn_serve.evaluation.report import render_table
+    from depn_serve.evaluation.run import evaluate
+    from depn_serve.fileio import atomic_write_text
+    from depn_serve.masks import MaskError
+
+    try:
+        with _progress("evaluating") as (on_start, advance):
+            report = evaluate(
+                model_dir, records_path, valid_path, mask_path, random_baseline=random_baseline, seed=seed,
+                settings=EvalSettings(exposure_samples=exposure_samples), device=device,
+                on_start=on_start, progress=advance,
+            )
+    except (MaskError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    console.print(render_table(report))
+    if json_out:
+        atomic_write_text(json_out, report.model_dump_json(indent=2))
+        console.print(f"JSON -> {json_out}")

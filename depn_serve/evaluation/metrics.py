@@ -1,0 +1,98 @@
+"""Per-record privacy metrics and validation perplexity for one model state (plain or masked)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from pydantic import BaseModel
+
+from depn_serve.evaluation.exposure import digit_token_ids, exposure
+from depn_serve.evaluation.generation import greedy_generate, pad_id_of
+from depn_serve.records import DIGIT_KINDS, PrivateRecord, encode_record
+
+
+class RecordResult(BaseModel):
+    id: str
+    tenant: str
+    kind: str
+    repeats: int
+    extracted: bool  # greedy decoding reproduces the secret exactly
+    first_token_rank: int  # 1-based rank of the secret's first token after the prompt
+    secret_bits: float  # -log2 P(secret | prompt), teacher forced
+    exposure: float | None = None  # digit kinds only
+    exposure_method: str | None = None
+    exposure_rank: int | None = None
+
+
+class EvalSettings(BaseModel):
+    exposure_samples: int = 1000
+    exposure_max_frontier: int = 4096
+    ppl_max_len: int = 256
+    batch_size: int = 32
+
+
+@torch.no_grad()
+def record_results(
+    model, tokenizer, records: Sequence[PrivateRecord], settings: EvalSettings,
+    progress: Callable[[], None] | None = None,
+) -> list[RecordResult]:
+    device = next(model.parameters()).device
+    encoded = [encode_record(tokenizer, r) for r in records]
+    longest = max(len(s) for _, s in encoded)
+    continuations = greedy_generate(model, [p for p, _ in encoded], longest, pad_id_of(tokenizer))
+    digits = digit_token_ids(tokenizer) if any(r.kind in DIGIT_KINDS for r in records) else []
+    results = []
+    for record, (prompt_ids, secret_ids), continuation in zip(records, encoded, continuations):
+        ids = torch.tensor([prompt_ids + secret_ids], device=device)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float(), dim=-1)
+        target = torch.tensor(secret_ids, device=device)
+        first = logp[0, secret_ids[0]]
+        result = RecordResult(
+            id=record.id,
+            tenant=record.tenant,
+            kind=record.kind,
+            repeats=record.repeats,
+            extracted=continuation[: len(secret_ids)] == secret_ids,
+            first_token_rank=int((logp[0] > first).sum()) + 1,
+            secret_bits=float(-logp.gather(1, target[:, None]).sum() / math.log(2)),
+        )
+        if record.kind in DIGIT_KINDS:
+            exp = exposure(
+                model, prompt_ids, secret_ids, digits,
+                samples=settings.exposure_samples, max_frontier=settings.exposure_max_frontier, seed_key=record.id,
+            )
+            result.exposure, result.exposure_method, result.exposure_rank = exp.exposure, exp.method, exp.rank
+        results.append(result)
+        if progress:
+            progress()
+    return results
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: Sequence[str], max_len: int = 256, batch_size: int = 32) -> float:
+    """exp(mean next-token NLL) over all tokens of the texts, each cut into windows of `max_len`."""
+    device = next(model.parameters()).device
+    windows: list[list[int]] = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        windows.extend(ids[i : i + max_len] for i in range(0, max(len(ids) - 1, 1), max_len - 1))
+    windows = [w for w in windows if len(w) > 1]
+    pad = pad_id_of(tokenizer)
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        width = max(len(w) for w in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for row, w in enumerate(chunk):
+            ids[row, : len(w)] = torch.tensor(w)
+            attn[row, : len(w)] = 1
+        ids, attn = ids.to(device), attn.to(device)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        weight = attn[:, 1:].float()
+        total_nll += float((nll * weight).sum())
+        total_tokens += int(weight.sum())
+    return math.exp(total_nll / total_tokens)
