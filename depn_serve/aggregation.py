@@ -18,7 +18,10 @@ from depn_serve.detection.scores import ScoresFile
 from depn_serve.masks import MaskProvenance, NeuronMask
 
 
-DEFAULT_Z_FRACTION = 0.01
+# Defaults measured on the `ci` test-bed (README, "Choosing the defaults"): DEPN's 0.1 threshold lets almost
+# every record vote for the same generic layer-0 neurons and costs more perplexity for the same effect.
+DEFAULT_THRESHOLD = 0.3
+DEFAULT_Z_FRACTION = 0.025
 
 
 @dataclass
@@ -30,7 +33,7 @@ class VoteTally:
 
 
 def default_top_z(num_layers: int, intermediate_size: int) -> int:
-    """Default mask size: a fixed share of the model's MLP neurons (DEPN used 200 of BERT-base's 36,864)."""
+    """Default mask size: a fixed share of the model's MLP neurons."""
     return max(1, round(DEFAULT_Z_FRACTION * num_layers * intermediate_size))
 
 
@@ -75,7 +78,9 @@ def random_selection(shape: tuple[int, int], count: int, seed: int = 0) -> torch
     return off.view(shape)
 
 
-def aggregate_file(scores_path: Path, tenant: str, threshold: float = 0.1, z: int | None = None) -> NeuronMask:
+def aggregate_file(
+    scores_path: Path, tenant: str, threshold: float = DEFAULT_THRESHOLD, z: int | None = None
+) -> NeuronMask:
     """Build `tenant`'s mask from a SCORES file (streamed record by record)."""
     scores = ScoresFile(scores_path)
     record_ids = scores.record_ids(tenant)

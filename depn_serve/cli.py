@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console()
+# Logs and pipes get a wide console so the before/after table is not wrapped.
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 def _quiet_transformers() -> None:
@@ -116,15 +118,16 @@ def detect(model_dir, records_path, tenant, steps, layers, batch_rows, device, o
 @main.command()
 @click.argument("scores", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--tenant", required=True)
-@click.option("--threshold", default=0.1, show_default=True, help="keep neurons >= threshold x record max")
-@click.option("--top-z", "top_z", type=int, default=None, help="mask size (default: 1% of MLP neurons)")
+@click.option("--threshold", type=float, default=None,
+              help="a record votes for neurons >= threshold x its max (default: 0.3)")
+@click.option("--top-z", "top_z", type=int, default=None, help="mask size (default: 2.5% of MLP neurons)")
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
 def aggregate(scores, tenant, threshold, top_z, out) -> None:
     """Let a tenant's records vote; keep the top-z neurons as the tenant's mask."""
-    from depn_serve.aggregation import aggregate_file
+    from depn_serve.aggregation import DEFAULT_THRESHOLD, aggregate_file
 
     try:
-        mask = aggregate_file(scores, tenant, threshold, top_z)
+        mask = aggregate_file(scores, tenant, DEFAULT_THRESHOLD if threshold is None else threshold, top_z)
     except ValueError as exc:
         _fail(exc)
     mask.save(out)
@@ -205,3 +208,61 @@ def eval_cmd(model_dir, records_path, valid_path, mask_path, random_baseline, ex
     if json_out:
         atomic_write_text(json_out, report.model_dump_json(indent=2))
         console.print(f"JSON -> {json_out}")
+
+
+# --- demo --------------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=Path("runs/demo"),
+              show_default=True)
+@click.option("--profile", type=click.Choice(["ci", "default"]), default="ci", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tenant", default=None, help="tenant to protect (default: the first one)")
+@click.option("--top-z", "top_z", type=int, default=None, help="mask size (default: 2.5% of MLP neurons)")
+def demo(workdir: Path, profile: str, seed: int, tenant: str | None, top_z: int | None) -> None:
+    """The whole offline story: test-bed -> detect -> aggregate -> evaluate, with plots and a table."""
+    import time
+
+    from depn_serve.aggregation import aggregate_file
+    from depn_serve.detection import detect_to_file
+    from depn_serve.evaluation.report import render_table
+    from depn_serve.evaluation.run import evaluate
+    from depn_serve.fileio import atomic_write_text
+    from depn_serve.plots import plot_exposure, plot_mask_layers
+    from depn_serve.records import load_records
+    from depn_serve.testbed import build_testbed, load_testbed_info
+
+    bed = workdir / f"testbed-{profile}-{seed}"
+    info_path = bed / "testbed.json"
+    if info_path.is_file():
+        info = load_testbed_info(info_path)
+        console.print(f"[bold]1/4[/] using the test-bed in {bed}")
+    else:
+        console.print(f"[bold]1/4[/] building the '{profile}' test-bed in {bed} (a few minutes on 2 cores)")
+        info = build_testbed(bed, profile, seed, progress=True)
+    console.print(f"    memorized: {info.memorization.model_dump()}")
+
+    records_path, model_dir = bed / "records.jsonl", bed / "model"
+    tenant = tenant or load_records(records_path)[0].tenant
+    scores_path = workdir / f"scores-{tenant}.safetensors"
+    console.print(f"[bold]2/4[/] detecting privacy neurons for tenant {tenant!r}")
+    started = time.perf_counter()
+    with _progress("detecting") as (on_start, advance):
+        manifest = detect_to_file(model_dir, records_path, scores_path, tenant=tenant,
+                                  on_start=on_start, on_record_done=advance)
+    per_record = (time.perf_counter() - started) / len(manifest.record_tenants)
+    console.print(f"    {per_record:.2f} s per record -> {scores_path}")
+
+    mask_path = workdir / f"mask-{tenant}.safetensors"
+    mask = aggregate_file(scores_path, tenant, z=top_z)
+    mask.save(mask_path)
+    plot_mask_layers(mask, workdir / f"mask-{tenant}-layers.png")
+    console.print(f"[bold]3/4[/] mask: {mask.manifest.neuron_count} neurons, per layer "
+                  f"{mask.manifest.neurons_per_layer} -> {mask_path}")
+
+    console.print("[bold]4/4[/] evaluating before / after / random mask of the same size")
+    with _progress("evaluating") as (on_start, advance):
+        report = evaluate(model_dir, records_path, bed / "valid.txt", mask_path, on_start=on_start, progress=advance)
+    atomic_write_text(workdir / "eval.json", report.model_dump_json(indent=2))
+    plot_exposure(report, workdir / "exposure.png")
+    console.print(render_table(report))
+    console.print(f"JSON, mask and plots in {workdir}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -9,13 +10,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from depn_serve.evaluation.report import EvalReport  # noqa: E402
 from depn_serve.fileio import atomic_write_bytes  # noqa: E402
 from depn_serve.masks import NeuronMask  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -34,4 +34,26 @@ def plot_mask_layers(mask: NeuronMask, path: Path) -> None:
     share = ax.secondary_yaxis("right", functions=(lambda n: 100 * n / m.intermediate_size,
                                                    lambda p: p * m.intermediate_size / 100))
     share.set_ylabel("% of layer")
+    _save(fig, path)
+
+
+def plot_exposure(report: EvalReport, path: Path) -> None:
+    """Per digit record: exposure before (x) vs after (y), for the mask and the random baseline."""
+    before = {r.id: r for r in report.states[0].records if r.exposure is not None}
+    edited = report.states[1:]
+    fig, axes = plt.subplots(1, len(edited), figsize=(4.2 * len(edited), 4), squeeze=False)
+    top = max((r.exposure for r in before.values()), default=1.0) * 1.05
+    for ax, state in zip(axes[0], edited):
+        for target, color, label in ((True, "#c0392b", f"{report.target_tenant} (target)"), (False, "#2471a3", "others")):
+            pts = [(before[r.id].exposure, r.exposure) for r in state.records
+                   if r.id in before and (r.tenant == report.target_tenant) == target]
+            if pts:
+                ax.scatter(*zip(*pts), s=18, color=color, label=label, alpha=0.8)
+        ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.set_xlabel("exposure before (bits)")
+        ax.set_ylabel(f"exposure after: {state.name} (bits)")
+        ax.set_title(f"{state.name}: {state.neurons} neurons, PPL {state.valid_ppl:.2f}")
+        ax.legend(loc="upper left", fontsize=8)
     _save(fig, path)

@@ -13,6 +13,7 @@ candidates cannot exceed log2 N, which says nothing about a memorized secret, so
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from dataclasses import dataclass
@@ -44,54 +45,69 @@ def digit_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-@torch.no_grad()
-def _next_digit_bits(model, prefixes: torch.Tensor, digit_ids: torch.Tensor, batch: int) -> torch.Tensor:
-    """-log2 P(digit | prefix) for each row of `prefixes` (equal lengths) -> [rows, 10]."""
-    out = []
-    for start in range(0, prefixes.shape[0], batch):
-        logits = model(input_ids=prefixes[start : start + batch]).logits[:, -1].float()
-        out.append(-torch.log_softmax(logits, dim=-1)[:, digit_ids] / math.log(2))
-    return torch.cat(out)
+class _PromptCache:
+    """The prompt's KV cache and next-token log2-probabilities, computed once and copied per batch of candidates."""
+
+    def __init__(self, model, prompt_ids: list[int]):
+        self.model = model
+        self.device = next(model.parameters()).device
+        out = model(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=True)
+        self.cache = out.past_key_values
+        self.first_bits = _bits(out.logits[:, -1])  # [1, vocab]
+
+    def rows(self, n: int):
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(n)
+        return cache
+
+
+def _bits(logits: torch.Tensor) -> torch.Tensor:
+    return -torch.log_softmax(logits.float(), dim=-1) / math.log(2)
 
 
 @torch.no_grad()
 def candidate_bits(model, prompt_ids: list[int], candidates: torch.Tensor, batch: int = 512) -> torch.Tensor:
     """Px of each candidate digit-token sequence `[n, length]` after the prompt (teacher forcing)."""
-    device = next(model.parameters()).device
-    prompt = torch.tensor(prompt_ids, device=device)
-    candidates = candidates.to(device)
-    n, length = candidates.shape
+    prompt = _PromptCache(model, prompt_ids)
+    candidates = candidates.to(prompt.device)
     out = []
-    for start in range(0, n, batch):
+    for start in range(0, candidates.shape[0], batch):
         cand = candidates[start : start + batch]
-        ids = torch.cat([prompt.expand(cand.shape[0], -1), cand], dim=1)
-        logits = model(input_ids=ids).logits[:, len(prompt_ids) - 1 : -1].float()
-        logp = torch.log_softmax(logits, dim=-1).gather(2, cand[:, :, None]).squeeze(2)
-        out.append(-logp.sum(dim=1) / math.log(2))
+        total = prompt.first_bits[0, cand[:, 0]]
+        if cand.shape[1] > 1:
+            logits = model(input_ids=cand[:, :-1], past_key_values=prompt.rows(cand.shape[0]), use_cache=True).logits
+            total = total + _bits(logits).gather(2, cand[:, 1:, None]).squeeze(2).sum(dim=1)
+        out.append(total)
     return torch.cat(out).cpu()
 
 
 @torch.no_grad()
 def exact_rank(
     model, prompt_ids: list[int], secret_ids: list[int], digit_ids: list[int], secret_bits: float,
-    max_frontier: int, batch: int = 512,
+    max_frontier: int,
 ) -> int | None:
-    """Number of digit strings with Px <= Px(secret), or None once the pruned frontier outgrows `max_frontier`."""
-    device = next(model.parameters()).device
-    digits = torch.tensor(digit_ids, device=device)
-    frontier = torch.tensor(prompt_ids, device=device)[None, :]
-    bits = torch.zeros(1, device=device)
-    for _ in secret_ids:
-        step = _next_digit_bits(model, frontier, digits, batch).to(device)  # [f, 10]
+    """Number of digit strings with Px <= Px(secret), or None once the pruned frontier outgrows `max_frontier`.
+
+    The frontier's KV cache is carried from depth to depth (rows reordered to the surviving prefixes), so each
+    depth costs one token per surviving prefix.
+    """
+    prompt = _PromptCache(model, prompt_ids)
+    digits = torch.tensor(digit_ids, device=prompt.device)
+    cache = prompt.rows(1)
+    bits = torch.zeros(1, device=prompt.device)
+    step = prompt.first_bits[:, digits]  # [frontier, 10]
+    for depth in range(len(secret_ids)):
         total = bits[:, None] + step
         keep = (total <= secret_bits + _TIE_BITS).nonzero()
         if keep.shape[0] > max_frontier:
             return None
-        frontier = torch.cat([frontier[keep[:, 0]], digits[keep[:, 1]][:, None]], dim=1)
+        if depth == len(secret_ids) - 1 or keep.shape[0] == 0:
+            return int(keep.shape[0])
         bits = total[keep[:, 0], keep[:, 1]]
-        if frontier.shape[0] == 0:
-            return 0  # numerically impossible: the secret itself satisfies the bound
-    return int(frontier.shape[0])
+        cache.reorder_cache(keep[:, 0])
+        logits = model(input_ids=digits[keep[:, 1]][:, None], past_key_values=cache, use_cache=True).logits
+        step = _bits(logits[:, -1])[:, digits]
+    raise AssertionError("unreachable")
 
 
 def exposure(
