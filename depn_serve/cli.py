@@ -119,8 +119,8 @@ def detect(model_dir, records_path, tenant, steps, layers, batch_rows, device, o
 @click.argument("scores", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--tenant", required=True)
 @click.option("--threshold", type=float, default=None,
-              help="a record votes for neurons >= threshold x its max (default: 0.3)")
-@click.option("--top-z", "top_z", type=int, default=None, help="mask size (default: 2.5% of MLP neurons)")
+              help="a record votes for neurons >= threshold x its max (default: 0.1)")
+@click.option("--top-z", "top_z", type=int, default=None, help="mask size (default: 1% of MLP neurons)")
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
 def aggregate(scores, tenant, threshold, top_z, out) -> None:
     """Let a tenant's records vote; keep the top-z neurons as the tenant's mask."""
@@ -217,7 +217,7 @@ def eval_cmd(model_dir, records_path, valid_path, mask_path, random_baseline, ex
 @click.option("--profile", type=click.Choice(["ci", "default"]), default="ci", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tenant", default=None, help="tenant to protect (default: the first one)")
-@click.option("--top-z", "top_z", type=int, default=None, help="mask size (default: 2.5% of MLP neurons)")
+@click.option("--top-z", "top_z", type=int, default=None, help="mask size (default: 1% of MLP neurons)")
 def demo(workdir: Path, profile: str, seed: int, tenant: str | None, top_z: int | None) -> None:
     """The whole offline story: test-bed -> detect -> aggregate -> evaluate, with plots and a table."""
     import time

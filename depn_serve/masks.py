@@ -23,6 +23,7 @@ from safetensors.torch import save as st_save
 from depn_serve.arch import MlpShape
 from depn_serve.fileio import atomic_write_bytes
 from depn_serve.fingerprint import ModelFingerprint
+from depn_serve.validation import field_error
 
 MASK_FORMAT_VERSION = 1
 MANIFEST_KEY = "depn_mask"
@@ -132,9 +133,7 @@ class NeuronMask:
         try:
             manifest = MaskManifest.model_validate_json(metadata[MANIFEST_KEY])
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "manifest"
-            raise MaskError(source, field, err["msg"], repr(err.get("input"))[:200]) from None
+            raise MaskError(source, *field_error(exc, whole="manifest")) from None
         if BITS_KEY not in tensors:
             raise MaskError(source, BITS_KEY, "a packed-bits tensor", f"tensors {sorted(tensors)}")
         bits = tensors[BITS_KEY]

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from depn_serve.validation import field_error
+
 RecordKind = Literal["name", "phone", "email", "id_number"]
 DIGIT_KINDS: frozenset[str] = frozenset({"phone", "id_number"})
 
@@ -63,7 +65,8 @@ def iter_records(path: Path) -> Iterator[PrivateRecord]:
             try:
                 record = PrivateRecord.model_validate_json(line)
             except ValidationError as exc:
-                raise RecordsError(f"{path}:{lineno}: invalid record: {exc}") from None
+                field, expected, found = field_error(exc)
+                raise RecordsError(f"{path}:{lineno}: field '{field}': {expected}, found {found}") from None
             if record.id in seen:
                 raise RecordsError(f"{path}:{lineno}: field 'id': expected a unique id, found duplicate {record.id!r}")
             seen.add(record.id)

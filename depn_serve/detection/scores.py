@@ -18,6 +18,7 @@ from safetensors.torch import save as st_save
 
 from depn_serve.fileio import atomic_write_bytes
 from depn_serve.fingerprint import ModelFingerprint
+from depn_serve.validation import field_error
 
 SCORES_KEY = "depn_scores"
 
@@ -74,7 +75,8 @@ class ScoresFile:
         try:
             self.manifest = ScoresManifest.model_validate_json(raw)
         except ValidationError as exc:
-            raise ScoresError(f"{self.path}: invalid scores manifest: {exc}") from None
+            field, expected, found = field_error(exc)
+            raise ScoresError(f"{self.path}: manifest field '{field}': {expected}, found {found}") from None
         if keys != set(self.manifest.record_tenants):
             raise ScoresError(f"{self.path}: tensors and manifest list different records")
 
