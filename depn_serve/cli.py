@@ -266,3 +266,45 @@ def demo(workdir: Path, profile: str, seed: int, tenant: str | None, top_z: int 
     plot_exposure(report, workdir / "exposure.png")
     console.print(render_table(report))
     console.print(f"JSON, mask and plots in {workdir}")
+
+
+# --- tenants -----------------------------------------------------------------------------------------------------
+@main.group()
+def tenants() -> None:
+    """Tenants, their masks and API keys (the file `depn serve --tenants` reads)."""
+
+
+@tenants.command("add")
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--tenant", required=True)
+@click.option("--mask", "masks_", multiple=True, help="mask id in the mask store (repeat for a union)")
+@click.option("--allow-unmasked", is_flag=True, help="let this tenant run without any mask")
+def tenants_add(config_path: Path, tenant: str, masks_: tuple[str, ...], allow_unmasked: bool) -> None:
+    """Create a tenant and print its new API key once (only its hash is stored)."""
+    from depn_serve.tenants import TenantsConfig, TenantsError
+
+    try:
+        config = TenantsConfig.load(config_path) if config_path.exists() else TenantsConfig()
+        key = config.add_tenant(tenant, list(masks_), allow_unmasked)
+        config.save(config_path)
+    except (TenantsError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"tenant {tenant!r} added to {config_path}; its API key (shown only now):", err=True)
+    click.echo(key)
+
+
+@tenants.command("list")
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
+def tenants_list(config_path: Path) -> None:
+    """Tenants with their masks and key hints."""
+    from depn_serve.tenants import TenantsConfig, TenantsError
+
+    try:
+        config = TenantsConfig.load(config_path)
+    except TenantsError as exc:
+        _fail(exc)
+    for t in config.tenants:
+        anonymous = "  (anonymous)" if t.id == config.anonymous_tenant else ""
+        masks_desc = ", ".join(t.masks) or ("none (may run unmasked)" if t.allow_unmasked else "none (refused)")
+        keys = ", ".join(f"{k.hint}…" for k in t.api_keys) or "no keys"
+        click.echo(f"{t.id}{anonymous}\tmasks: {masks_desc}\tkeys: {keys}")
