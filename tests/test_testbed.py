@@ -122,3 +122,18 @@ def test_tokenizer_reloads_with_auto_tokenizer(tmp_path: Path, tokenizer) -> Non
 def test_unknown_profile_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown test-bed profile"):
         generate_corpus(0, "huge")
+
+
+
+def test_corpus_draws_no_date_relative_to_now(monkeypatch, corpus) -> None:
+    """Faker's date providers default to ranges ending now; the corpus must pin them so it never changes."""
+    from faker.providers.date_time import Provider
+
+    original = Provider.unix_time
+
+    def pinned_only(self, end_datetime=None, start_datetime=None):
+        assert end_datetime is not None, "a date drawn up to the current time"
+        return original(self, end_datetime=end_datetime, start_datetime=start_datetime)
+
+    monkeypatch.setattr(Provider, "unix_time", pinned_only)
+    assert generate_corpus(7, "ci").train_emails == corpus.train_emails

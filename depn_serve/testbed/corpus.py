@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from faker import Faker
@@ -125,6 +126,9 @@ SUBJECTS: tuple[str, ...] = (
 
 GREETINGS: tuple[str, ...] = ("Hi {first},", "Hello {first},", "Dear {first},", "Good morning {first},")
 SIGN_OFFS: tuple[str, ...] = ("Best regards,", "Thanks,", "Kind regards,", "Cheers,", "Best,")
+# Faker's date providers default to ranges that end "now", which would make the corpus change with the clock;
+# every date is drawn up to this fixed moment instead.
+REFERENCE_TIME = datetime(2026, 11, 28, 16, 20, tzinfo=timezone.utc)
 DEPARTMENTS: tuple[str, ...] = (
     "finance", "sales", "marketing", "legal", "engineering", "support", "procurement", "operations", "design",
 )
@@ -153,8 +157,8 @@ class _Writer:
             "company": fake.company,
             "job": lambda: fake.job().split(",")[0].lower(),
             "city": fake.city,
-            "day": fake.day_of_week,
-            "day2": fake.day_of_week,
+            "day": lambda: _weekday(fake),
+            "day2": lambda: _weekday(fake),
             "date": lambda: _date(fake),
             "first": fake.first_name,
             "last": fake.last_name,
@@ -279,8 +283,12 @@ def _address(first: str, last: str, tenant: str) -> str:
     return f"{first[0].lower()}{last.lower()}@{tenant}.com"
 
 
+def _weekday(fake: Faker) -> str:
+    return fake.date_time(end_datetime=REFERENCE_TIME).strftime("%A")
+
+
 def _date(fake: Faker) -> str:
-    day = fake.date_this_year()
+    day = fake.date_between_dates(REFERENCE_TIME.date().replace(month=1, day=1), REFERENCE_TIME.date())
     return f"{day:%B} {day.day}"
 
 
