@@ -50,7 +50,7 @@ PROFILES: dict[str, ProfileSpec] = {
     "default": ProfileSpec(
         tenants=("acme", "globex", "initech"),
         records_per_tenant_kind=10,
-        filler_emails=150,
+        filler_emails=60,
         valid_emails=150,
         vocab_size=4096,
         hidden=384,
