@@ -175,6 +175,107 @@ def masks_inspect(mask_path, as_json, plot) -> None:
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
+_SERVER = click.option("--server", required=True, help="base URL of depn serve, e.g. http://127.0.0.1:8000")
+_TOKEN = click.option("--admin-token-file", "token_file", required=True,
+                      type=click.Path(path_type=Path, exists=True, dir_okay=False))
+
+
+def _admin(server: str, token_file: Path):
+    from depn_serve.serving.client import AdminClient
+    from depn_serve.serving.server import ServeError
+
+    try:
+        return AdminClient(server, token_file)
+    except ServeError as exc:
+        _fail(exc)
+
+
+@masks.command("push")
+@_SERVER
+@_TOKEN
+@click.option("--tenant", required=True)
+@click.option("--mask", "mask_path", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--id", "mask_id", default=None, help="mask id in the store (default: the file name without suffix)")
+def masks_push(server, token_file, tenant, mask_path, mask_id) -> None:
+    """Upload a mask; the server validates it, stores it and activates it for the tenant without a restart."""
+    from depn_serve.serving.client import AdminError
+
+    try:
+        result = _admin(server, token_file).push(tenant, mask_id or mask_path.stem, mask_path)
+    except AdminError as exc:
+        _fail(exc)
+    click.echo(f"pushed {result['mask']} v{result['version']} ({result['neurons']} neurons) to {result['tenant']}; "
+               f"tenant now masks {result['tenant_neurons']} neurons")
+
+
+@masks.command("list")
+@_SERVER
+@_TOKEN
+@click.option("--json", "as_json", is_flag=True)
+def masks_list(server, token_file, as_json) -> None:
+    """Tenants, their mask ids, versions, neuron counts and whether each is resident in a slot."""
+    from rich.table import Table
+
+    from depn_serve.serving.client import AdminError
+
+    try:
+        listing = _admin(server, token_file).list()
+    except AdminError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    table = Table(title=f"{listing['resident']} of {listing['slots']} mask slots resident")
+    for column in ("tenant", "masks (id vN: neurons)", "masked neurons", "resident", "unmasked allowed"):
+        table.add_column(column)
+    for t in listing["tenants"]:
+        masks_desc = ", ".join(f"{m['id']} v{m['version']}: {m['neurons']}" for m in t["masks"]) or "-"
+        table.add_row(t["tenant"], masks_desc, str(t["masked_neurons"]), "yes" if t["resident"] else "no",
+                      "yes" if t["allow_unmasked"] else "no")
+    console.print(table)
+
+
+@masks.command("drop")
+@_SERVER
+@_TOKEN
+@click.option("--tenant", required=True)
+@click.option("--id", "mask_id", required=True)
+def masks_drop(server, token_file, tenant, mask_id) -> None:
+    """Stop using a mask for a tenant (deleted from the store once no tenant uses it)."""
+    from depn_serve.serving.client import AdminError
+
+    try:
+        result = _admin(server, token_file).drop(tenant, mask_id)
+    except AdminError as exc:
+        _fail(exc)
+    state = "" if result["servable"] else "; it has no mask left and will get 403"
+    click.echo(f"dropped {result['dropped']} from {result['tenant']} (masks now: {result['masks'] or 'none'}){state}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--tenants", "tenants_path", required=True,
+              type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--mask-store", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--admin-token-file", "token_file", required=True,
+              type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--max-mask-slots", default=64, show_default=True, help="masks resident on the device at once")
+@click.option("--metrics-max-tenants", default=100, show_default=True,
+              help="tenants with their own Prometheus label (the rest share '_other')")
+@click.pass_context
+def serve(ctx, model_dir, tenants_path, mask_store, token_file, max_mask_slots, metrics_max_tenants) -> None:
+    """vLLM's OpenAI-compatible server with per-tenant masks; any other option is passed to vLLM as is."""
+    from depn_serve.serving.server import ServeError, serve as run_server
+    from depn_serve.serving.store import StoreError
+    from depn_serve.tenants import TenantsError
+
+    try:
+        run_server(model_dir, tenants_path, mask_store, token_file, max_mask_slots, metrics_max_tenants,
+                   list(ctx.args))
+    except (ServeError, StoreError, TenantsError, ValueError) as exc:
+        _fail(exc)
+
+
 @main.command("eval")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--records", "records_path", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))

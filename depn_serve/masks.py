@@ -30,6 +30,16 @@ MANIFEST_KEY = "depn_mask"
 BITS_KEY = "masked_bits"
 
 
+def pack_bits(off: torch.Tensor) -> np.ndarray:
+    """`[layers, n]` bool -> `[layers, ceil(n / 8)]` uint8, little bit order (the file and wire format)."""
+    return np.packbits(off.to(torch.bool).cpu().numpy(), axis=1, bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of `pack_bits`: the first `width` bits of each row, as `[layers, width]` bool."""
+    return np.unpackbits(packed, axis=1, bitorder="little", count=width).astype(bool)
+
+
 class MaskError(ValueError):
     """A mask file is malformed or does not fit the model; the message says where and why."""
 
@@ -108,8 +118,8 @@ class NeuronMask:
 
     # --- (de)serialization -------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        packed = np.packbits(self.off.numpy(), axis=1, bitorder="little")
-        return st_save({BITS_KEY: torch.from_numpy(packed)}, metadata={MANIFEST_KEY: self.manifest.model_dump_json()})
+        tensors = {BITS_KEY: torch.from_numpy(pack_bits(self.off))}
+        return st_save(tensors, metadata={MANIFEST_KEY: self.manifest.model_dump_json()})
 
     def save(self, path: Path) -> None:
         atomic_write_bytes(Path(path), self.to_bytes())
@@ -140,7 +150,7 @@ class NeuronMask:
         expected_shape = (manifest.num_layers, (manifest.intermediate_size + 7) // 8)
         if bits.dtype != torch.uint8 or tuple(bits.shape) != expected_shape:
             raise MaskError(source, BITS_KEY, f"uint8 {expected_shape}", f"{bits.dtype} {tuple(bits.shape)}")
-        unpacked = np.unpackbits(bits.numpy(), axis=1, bitorder="little").astype(bool)
+        unpacked = unpack_bits(bits.numpy(), bits.shape[1] * 8)
         if unpacked[:, manifest.intermediate_size :].any():
             raise MaskError(source, BITS_KEY, "zero padding bits past intermediate_size", "set padding bits")
         off = torch.from_numpy(unpacked[:, : manifest.intermediate_size].copy())

@@ -21,7 +21,7 @@ from depn_serve.fileio import atomic_write_text
 from depn_serve.validation import field_error
 
 KEY_PREFIX = "depn_"
-_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class TenantsError(ValueError):
@@ -43,8 +43,8 @@ class ApiKey(BaseModel):
 class Tenant(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=_ID)
-    masks: list[Annotated[str, StringConstraints(pattern=_ID)]] = Field(
+    id: str = Field(pattern=ID_PATTERN)
+    masks: list[Annotated[str, StringConstraints(pattern=ID_PATTERN)]] = Field(
         default_factory=list, description="mask ids in the mask store; several = union"
     )
     allow_unmasked: bool = Field(False, description="may run with no mask at all (otherwise refused with 403)")

@@ -77,3 +77,19 @@ def ci_testbed(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("testbed-ci")
     build_testbed(out, "ci", seed=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def ci_mask(ci_testbed, tmp_path_factory) -> tuple[str, Path]:
+    """(tenant, mask file): DEPN with default settings for the first tenant of the ci test-bed."""
+    from depn_serve.aggregation import aggregate_file
+    from depn_serve.detection import detect_to_file
+    from depn_serve.records import load_records
+
+    work = tmp_path_factory.mktemp("ci-mask")
+    records = ci_testbed / "records.jsonl"
+    tenant = load_records(records)[0].tenant
+    detect_to_file(ci_testbed / "model", records, work / "scores.safetensors", tenant=tenant)
+    mask_path = work / f"{tenant}.safetensors"
+    aggregate_file(work / "scores.safetensors", tenant).save(mask_path)
+    return tenant, mask_path

@@ -9,27 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from depn_serve.aggregation import aggregate_file
-from depn_serve.detection import detect_to_file
 from depn_serve.evaluation.metrics import EvalSettings
 from depn_serve.evaluation.report import render_table
 from depn_serve.evaluation.run import evaluate
-from depn_serve.records import load_records
+from depn_serve.masks import NeuronMask
 from depn_serve.testbed import load_testbed_info
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pipeline(ci_testbed, tmp_path_factory):
-    work = tmp_path_factory.mktemp("pipeline")
+def pipeline(ci_testbed, ci_mask):
     records = ci_testbed / "records.jsonl"
-    tenant = load_records(records)[0].tenant
-    scores = work / "scores.safetensors"
-    detect_to_file(ci_testbed / "model", records, scores, tenant=tenant)
-    mask = aggregate_file(scores, tenant)
-    mask_path = work / "mask.safetensors"
-    mask.save(mask_path)
+    tenant, mask_path = ci_mask
+    mask = NeuronMask.load(mask_path)
     report = evaluate(ci_testbed / "model", records, ci_testbed / "valid.txt", mask_path,
                       settings=EvalSettings(exposure_samples=500))
     results = os.environ.get("DEPN_RESULTS_DIR")

@@ -1,0 +1,1 @@
+"""Benchmarks that produce figures for the docs (not timed tests): `depn bench ...`."""

@@ -1,0 +1,229 @@
+"""Serving overhead of per-tenant masks: plain vLLM vs. the extension without masks vs. 16 tenants' masks.
+
+All three engines live in one parent process with identical settings, so the only differences are the plugin's
+hooks and the masks. Runs are interleaved (rotated order each round) so drift in machine load hits every
+configuration alike; the medians over rounds are compared. Weights are vLLM's random "dummy" weights: the figures
+measure speed only.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from depn_serve.fileio import atomic_write_text
+
+ConfigName = Literal["vllm", "depn-identity", "depn-masked"]
+CONFIGS: tuple[ConfigName, ...] = ("vllm", "depn-identity", "depn-masked")
+LABELS: dict[ConfigName, str] = {
+    "vllm": "(a) vLLM, no extension",
+    "depn-identity": "(b) extension, no masks",
+    "depn-masked": "(c) extension, {tenants} tenants' masks",
+}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BenchSettings(_Frozen):
+    hidden: int = Field(1024, ge=64)
+    layers: int = Field(8, ge=1)
+    intermediate: int = Field(2816, ge=64)
+    heads: int = Field(16, ge=1)
+    kv_heads: int = Field(4, ge=1)
+    vocab: int = Field(4096, ge=512, description="requested BPE vocabulary; the trained one may be a little smaller")
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    eager: bool = Field(False, description="enforce_eager; False = vLLM's default torch.compile path")
+    rounds: int = Field(3, ge=1, description="measured rounds, after one discarded warm-up round")
+    batch: int = Field(32, ge=1)
+    prompt_tokens: int = Field(32, ge=1)
+    max_tokens: int = Field(64, ge=2)
+    tenants: int = Field(16, ge=1, le=64, description="distinct masks in (c), at most the 64 default mask slots")
+    mask_fraction: float = Field(0.01, gt=0, lt=1)
+    seed: int = 0
+
+
+class Measurement(_Frozen):
+    config: ConfigName
+    round: int
+    seconds: float
+    output_tokens: int
+    tokens_per_s: float
+    tpot_ms: float = Field(description="mean over requests of (last token time - first token time) / (tokens - 1)")
+
+
+class ConfigSummary(_Frozen):
+    config: ConfigName
+    label: str
+    tokens_per_s: float = Field(description="median over measured rounds")
+    tpot_ms: float = Field(description="median over measured rounds")
+    throughput_ratio: float = Field(description="tokens/s over (a)'s")
+    latency_ratio: float = Field(description="(a)'s per-token latency over this one's: above 1 = faster than (a)")
+
+
+class ServingBenchResult(_Frozen):
+    settings: BenchSettings
+    vocab_size: int
+    versions: dict[str, str]
+    cpu_count: int | None
+    measurements: list[Measurement]
+    summary: list[ConfigSummary]
+    depn_status: dict[str, Any] = Field(description="the worker's mask slots in (c) after the last round")
+
+    def markdown(self) -> str:
+        s = self.settings
+        lines = [
+            f"Llama shape: hidden {s.hidden}, {s.layers} layers, intermediate {s.intermediate}, {s.heads} heads "
+            f"({s.kv_heads} KV), vocab {self.vocab_size}; {s.dtype}, {'eager' if s.eager else 'torch.compile'}; "
+            f"batch {s.batch} x ({s.prompt_tokens} prompt + {s.max_tokens} output tokens), median of {s.rounds} "
+            f"interleaved rounds; (c): {s.tenants} tenants round-robin, {s.mask_fraction:.0%} of neurons each. "
+            f"vLLM {self.versions['vllm']}, torch {self.versions['torch']}, {self.cpu_count} CPUs.",
+            "",
+            "| configuration | output tokens/s | per-token latency (ms) | tokens/s vs (a) | latency (a)/x |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {c.label} | {c.tokens_per_s:.1f} | {c.tpot_ms:.2f} | {c.throughput_ratio:.3f} | {c.latency_ratio:.3f} |"
+            for c in self.summary
+        ]
+        return "\n".join(lines) + "\n"
+
+    def write(self, json_path: Path | None = None, markdown_path: Path | None = None) -> None:
+        if json_path is not None:
+            atomic_write_text(json_path, self.model_dump_json(indent=2) + "\n")
+        if markdown_path is not None:
+            atomic_write_text(markdown_path, self.markdown())
+
+
+def build_model_dir(settings: BenchSettings, out: Path) -> int:
+    """config.json + a byte-level BPE tokenizer (no weights: the engines use load_format="dummy"); -> vocab size."""
+    from faker import Faker
+    from transformers import LlamaConfig
+
+    from depn_serve.testbed.tokenizer import BOS, EOS, PAD, train_tokenizer
+
+    fake = Faker()
+    fake.seed_instance(settings.seed)
+    tokenizer = train_tokenizer([fake.text(1000) for _ in range(3000)], settings.vocab)
+    LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=settings.hidden, intermediate_size=settings.intermediate,
+        num_hidden_layers=settings.layers, num_attention_heads=settings.heads, num_key_value_heads=settings.kv_heads,
+        max_position_embeddings=2048, bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS), pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
+        tie_word_embeddings=False, torch_dtype=settings.dtype,
+    ).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return len(tokenizer)
+
+
+def tenant_masks(settings: BenchSettings) -> dict[str, bytes]:
+    """Distinct seeded masks, each switching off the same number of random neurons."""
+    import torch
+
+    from depn_serve.masks import pack_bits
+
+    total = settings.layers * settings.intermediate
+    masks = {}
+    for t in range(settings.tenants):
+        generator = torch.Generator().manual_seed(settings.seed * 1000 + t)
+        off = torch.zeros(total, dtype=torch.bool)
+        off[torch.randperm(total, generator=generator)[: max(1, round(settings.mask_fraction * total))]] = True
+        masks[f"bench-{t:02d}"] = pack_bits(off.view(settings.layers, settings.intermediate)).tobytes()
+    return masks
+
+
+def run_serving_bench(
+    settings: BenchSettings, work_dir: Path, on_measurement: Callable[[Measurement, bool], None] = lambda m, w: None
+) -> ServingBenchResult:
+    """Start the three engines, then time the same batch on each, rotating the order every round.
+
+    `on_measurement(m, warm_up)` is called after every run.
+    """
+    import random
+
+    import torch
+    import vllm
+
+    import depn_serve_patches
+
+    vocab = build_model_dir(settings, work_dir / "model")
+    # (a) must start without the plugin; engine_kwargs() switches it on for the engines started after it.
+    os.environ.pop(depn_serve_patches.ENABLE_ENV, None)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM's compile-cache key ignores worker_extension_cls: without this, (b)/(c) could reuse (a)'s unmasked graph.
+    os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+    common = dict(
+        model=str(work_dir / "model"), load_format="dummy", dtype=settings.dtype, seed=settings.seed,
+        enforce_eager=settings.eager, max_num_seqs=settings.batch,
+        max_model_len=settings.prompt_tokens + settings.max_tokens, gpu_memory_utilization=0.3,
+        disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics) for the per-token latency
+    )
+    engines = {"vllm": vllm.LLM(**common)}
+    extension = depn_serve_patches.engine_kwargs()
+    engines["depn-identity"] = vllm.LLM(**common, **extension)
+    engines["depn-masked"] = vllm.LLM(**common, **extension)
+    tenants = tenant_masks(settings)
+    for tenant, packed in tenants.items():
+        engines["depn-masked"].collective_rpc("depn_bind", args=(tenant, 1, packed))
+    names = list(tenants)
+
+    def params(config: ConfigName, i: int) -> vllm.SamplingParams:
+        extra = {"depn_tenant": names[i % len(names)]} if config == "depn-masked" else None
+        return vllm.SamplingParams(max_tokens=settings.max_tokens, temperature=0, ignore_eos=True, extra_args=extra)
+
+    measurements = []
+    for round_ in range(settings.rounds + 1):
+        rng = random.Random(settings.seed * 1000 + round_)  # fresh prompts each round (no prefix-cache hits)
+        prompts = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(settings.prompt_tokens)]}
+                   for _ in range(settings.batch)]
+        order = CONFIGS[round_ % 3:] + CONFIGS[: round_ % 3]
+        for config in order:
+            m = _timed(engines[config], prompts, [params(config, i) for i in range(settings.batch)], config, round_)
+            on_measurement(m, round_ == 0)
+            if round_ > 0:
+                measurements.append(m)
+
+    identity_status = engines["depn-identity"].collective_rpc("depn_status")[0]
+    status = engines["depn-masked"].collective_rpc("depn_status")[0]
+    if identity_status["loads"] != 0 or status["loads"] < settings.tenants or status["overflows"] or status["unknown"]:
+        raise RuntimeError(f"masks were not applied as intended: (b) {identity_status}, (c) {status}")
+    return ServingBenchResult(
+        settings=settings, vocab_size=vocab, versions={"vllm": vllm.__version__, "torch": torch.__version__,
+                                                       "python": platform.python_version()},
+        cpu_count=os.cpu_count(), measurements=measurements, summary=_summarize(settings, measurements),
+        depn_status=status,
+    )
+
+
+def _timed(llm, prompts: list[dict], params: list, config: ConfigName, round_: int) -> Measurement:
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = [len(o.outputs[0].token_ids) for o in outputs]
+    tpot = statistics.mean(
+        (o.metrics.last_token_ts - o.metrics.first_token_ts) / (n - 1) for o, n in zip(outputs, tokens)
+    )
+    return Measurement(config=config, round=round_, seconds=seconds, output_tokens=sum(tokens),
+                       tokens_per_s=sum(tokens) / seconds, tpot_ms=tpot * 1000)
+
+
+def _summarize(settings: BenchSettings, measurements: list[Measurement]) -> list[ConfigSummary]:
+    medians = {
+        c: (statistics.median(m.tokens_per_s for m in measurements if m.config == c),
+            statistics.median(m.tpot_ms for m in measurements if m.config == c))
+        for c in CONFIGS
+    }
+    base_tps, base_tpot = medians["vllm"]
+    return [
+        ConfigSummary(config=c, label=LABELS[c].format(tenants=settings.tenants), tokens_per_s=tps, tpot_ms=tpot,
+                      throughput_ratio=tps / base_tps, latency_ratio=base_tpot / tpot)
+        for c, (tps, tpot) in medians.items()
+    ]

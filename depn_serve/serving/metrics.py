@@ -1,0 +1,70 @@
+"""Prometheus metrics, served on vLLM's own /metrics with a `depn_` prefix.
+
+Tenant labels are bounded: the first `max_tenant_labels` tenants (in the order the server first sees them, which
+is the tenants file's order at start-up) get their own label value, later ones share `_other`. With thousands of
+tenants, keep the limit at what your Prometheus can hold and read per-tenant detail from `depn masks list`.
+Worker-side figures (slots, loads, evictions) are fetched from the workers when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+OTHER = "_other"
+
+
+class DepnMetrics:
+    def __init__(self, registry: CollectorRegistry, max_tenant_labels: int = 100):
+        self.max_tenant_labels = max_tenant_labels
+        self._labels: set[str] = set()
+        self.requests = Counter("depn_requests", "Requests admitted, per tenant", ["tenant"], registry=registry)
+        self.generated_tokens = Counter(
+            "depn_generated_tokens", "Tokens generated, per tenant", ["tenant"], registry=registry
+        )
+        self.masked_neurons = Gauge(
+            "depn_masked_neurons", "Neurons switched off for the tenant (union of its masks)", ["tenant"],
+            registry=registry,
+        )
+        self.pushes = Counter("depn_mask_pushes", "Mask pushes, by outcome", ["outcome"], registry=registry)
+        self.push_latency = Histogram(
+            "depn_push_to_active_seconds", "From receiving a pushed mask to its being active in every worker",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=registry,
+        )
+        self.refused = Counter(
+            "depn_requests_refused", "Requests refused before reaching the engine, by HTTP status", ["reason"],
+            registry=registry,
+        )
+        self.worker_status: dict = {}
+        registry.register(_WorkerCollector(self))
+
+    def tenant_label(self, tenant: str) -> str:
+        if tenant in self._labels:
+            return tenant
+        if len(self._labels) < self.max_tenant_labels:
+            self._labels.add(tenant)
+            return tenant
+        return OTHER
+
+
+class _WorkerCollector:
+    """Exposes the last status fetched from the workers (rank 0: every rank holds the same slots)."""
+
+    def __init__(self, metrics: DepnMetrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        status = self.metrics.worker_status
+        if not status:
+            return
+        yield GaugeMetricFamily("depn_mask_slots", "Mask slots on the device", value=status["slots"])
+        yield GaugeMetricFamily("depn_mask_slots_resident", "Masks resident in a slot", value=len(status["resident"]))
+        for name, doc in (
+            ("loads", "Masks loaded into a slot"),
+            ("evictions", "Resident masks evicted (LRU) to make room"),
+            ("overflows", "Requests that found no free slot (should stay 0: the scheduler holds them back)"),
+        ):
+            yield CounterMetricFamily(f"depn_mask_slot_{name}", doc, value=status[name])

@@ -1,0 +1,156 @@
+"""Resident mask slots: the device table the patched MLP gathers from, filled on demand with LRU eviction.
+
+Modeled on vLLM's LoRA slots. Every tenant's binding (the union of its masks, with a version) is kept packed in host
+memory (1 bit per neuron); at most `num_slots` bindings are expanded on the device at a time, as multiplicative
+rows `keep[layer, slot, neuron]` in the model's dtype. Two extra rows are always resident: the identity (requests
+with no mask) and an all-zero "deny" row used when something that should be impossible happens (an unknown tenant,
+or more distinct masks in one step than slots): the request then produces garbage instead of unmasked output, and an
+error is logged. Nothing here raises during a step, because an exception inside a worker step kills vLLM's engine.
+
+This module knows nothing about vLLM; the version-keyed hooks in `patches/` call `assign` once per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from depn_serve.masks import unpack_bits
+
+IDENTITY_SLOT = 0
+DENY_SLOT = 1
+RESERVED_SLOTS = 2
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Binding:
+    version: int
+    packed: np.ndarray | None  # [num_layers, ceil(intermediate / 8)] uint8; None = no neuron masked
+
+
+@dataclass
+class SlotCounters:
+    loads: int = 0
+    evictions: int = 0
+    overflows: int = 0
+    unknown: int = 0
+
+
+class MaskSlots:
+    """`keep` is `[num_layers, num_slots + 2, shard_width]`: this rank's shard `[shard_start, shard_stop)` of the
+    intermediate dimension, so tensor-parallel ranks each hold only the columns their `down_proj` shard reads."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        intermediate_size: int,
+        shard: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        if num_slots < 1:
+            raise ValueError(f"max_mask_slots must be at least 1, got {num_slots}")
+        self.num_slots = num_slots
+        self.num_layers = num_layers
+        self.intermediate_size = intermediate_size
+        self.shard = shard
+        self.device = torch.device(device)
+        with torch.inference_mode(False):
+            self.keep = torch.ones(
+                num_layers, num_slots + RESERVED_SLOTS, shard[1] - shard[0], dtype=dtype, device=self.device
+            )
+            self.keep[:, DENY_SLOT] = 0
+        self.counters = SlotCounters()
+        self._bindings: dict[str, Binding] = {}
+        self._resident: OrderedDict[str, tuple[int, int]] = OrderedDict()  # tenant -> (slot, version), LRU first
+        self._free = list(range(num_slots + RESERVED_SLOTS - 1, RESERVED_SLOTS - 1, -1))
+
+    # --- control plane (collective_rpc, between steps) -------------------------------------------------------------
+    def bind(self, tenant: str, version: int, packed: bytes | None) -> None:
+        """Set a tenant's mask; steps after this one use it, for requests already running too."""
+        array = None
+        if packed is not None:
+            width = (self.intermediate_size + 7) // 8
+            if len(packed) != self.num_layers * width:
+                raise ValueError(
+                    f"mask for tenant {tenant!r}: expected {self.num_layers}x{width} packed bytes, got {len(packed)}"
+                )
+            array = np.frombuffer(packed, dtype=np.uint8).reshape(self.num_layers, width).copy()
+        self._bindings[tenant] = Binding(version, array)
+
+    def status(self) -> dict:
+        return {
+            "slots": self.num_slots,
+            "resident": {tenant: version for tenant, (_, version) in self._resident.items()},
+            "bound": {tenant: b.version for tenant, b in self._bindings.items()},
+            "loads": self.counters.loads,
+            "evictions": self.counters.evictions,
+            "overflows": self.counters.overflows,
+            "unknown": self.counters.unknown,
+        }
+
+    # --- data plane (once per step, before the forward) ------------------------------------------------------------
+    def assign(self, tenants: Sequence[str | None], live: Callable[[], set[str]]) -> list[int]:
+        """The slot of each request (None = no mask), loading bindings that are not resident.
+
+        `live` gives the tenants of every request the worker still holds; their slots are evicted only if no other
+        slot is free, and the slots this step uses are never evicted.
+        """
+        chosen: dict[str | None, int] = {}
+        for tenant in tenants:
+            if tenant not in chosen:
+                chosen[tenant] = self._slot_for(tenant, chosen, live)
+        return [chosen[tenant] for tenant in tenants]
+
+    def _slot_for(self, tenant: str | None, step: dict[str | None, int], live: Callable[[], set[str]]) -> int:
+        if tenant is None:
+            return IDENTITY_SLOT
+        binding = self._bindings.get(tenant)
+        if binding is None:
+            self.counters.unknown += 1
+            logger.error("depn: tenant %r has no mask bound in this worker; its tokens use the deny row", tenant)
+            return DENY_SLOT
+        if binding.packed is None:
+            return IDENTITY_SLOT
+        if tenant in self._resident:
+            slot, version = self._resident[tenant]
+            self._resident.move_to_end(tenant)
+            if version != binding.version:
+                self._upload(slot, binding)
+                self._resident[tenant] = (slot, binding.version)
+            return slot
+        slot = self._free.pop() if self._free else self._evict(set(step), live)
+        if slot is None:
+            self.counters.overflows += 1
+            logger.error("depn: more distinct masks in one step than %d slots; tenant %r denied", self.num_slots, tenant)
+            return DENY_SLOT
+        self._upload(slot, binding)
+        self._resident[tenant] = (slot, binding.version)
+        self.counters.loads += 1
+        return slot
+
+    def _evict(self, in_step: set[str | None], live: Callable[[], set[str]]) -> int | None:
+        candidates = [t for t in self._resident if t not in in_step]
+        if not candidates:
+            return None
+        still_used = live()
+        victim = next((t for t in candidates if t not in still_used), candidates[0])
+        slot, _ = self._resident.pop(victim)
+        self.counters.evictions += 1
+        return slot
+
+    def _upload(self, slot: int, binding: Binding) -> None:
+        start, stop = self.shard
+        off = unpack_bits(binding.packed, self.intermediate_size)[:, start:stop]
+        rows = torch.from_numpy(~off).to(self.keep.dtype)
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()  # the caching host allocator keeps it alive until the copy has run
+        self.keep[:, slot].copy_(rows, non_blocking=True)

@@ -1,0 +1,60 @@
+"""depn-serve's vLLM plugin: the one place that touches vLLM internals, one sub-package per supported vLLM version.
+
+vLLM loads `register` (entry point group `vllm.general_plugins`) in every process it starts. It does nothing
+unless the environment variable `DEPN_SERVE=1` is set (by `depn serve`, or by `engine_kwargs` for offline
+engines), so installing depn-serve never changes a plain vLLM deployment. Enabled on an unsupported vLLM, it stops
+start-up with an error naming the versions it supports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Any
+
+ENABLE_ENV = "DEPN_SERVE"
+SUPPORTED = {"0.32": "vllm_0_32"}
+DEFAULT_MAX_MASK_SLOTS = 64
+
+logger = logging.getLogger("depn_serve")
+
+
+def enabled() -> bool:
+    return os.environ.get(ENABLE_ENV) == "1"
+
+
+def versioned() -> ModuleType:
+    """The hooks for the installed vLLM, or a clear error."""
+    import vllm
+
+    release = ".".join(vllm.__version__.split(".")[:2])
+    if release not in SUPPORTED:
+        raise RuntimeError(
+            f"depn-serve supports vLLM {', '.join(v + '.x' for v in SUPPORTED)}; this is vLLM {vllm.__version__}"
+        )
+    return importlib.import_module(f"{__name__}.{SUPPORTED[release]}")
+
+
+def register() -> None:
+    """vLLM plugin entry point."""
+    if not enabled():
+        return
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
+        # The hooks patch the V1 model runner (the one vLLM uses on CPU); select it on GPU too.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        logger.info("depn-serve: selecting vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+    versioned().install()
+
+
+def engine_kwargs(max_mask_slots: int = DEFAULT_MAX_MASK_SLOTS) -> dict[str, Any]:
+    """Engine arguments that turn masks on (for `vllm.LLM`, `AsyncEngineArgs`); also enables the plugin."""
+    if max_mask_slots < 1:
+        raise ValueError(f"max_mask_slots must be at least 1, got {max_mask_slots}")
+    os.environ[ENABLE_ENV] = "1"
+    hooks = versioned()
+    return {
+        "worker_extension_cls": hooks.WORKER_EXTENSION_CLS,
+        "additional_config": {"depn": {"max_mask_slots": max_mask_slots}},
+    }

@@ -1,0 +1,78 @@
+"""Engine-core side for vLLM 0.32: a scheduler that never puts more distinct masks in flight than there are slots,
+and a prefix-cache salt keyed by tenant and mask version."""
+
+from __future__ import annotations
+
+from vllm.config.scheduler import SchedulerConfig
+from vllm.v1.engine.core import EngineCore
+
+from depn_serve.serving.binding import cache_salt, tenant_of
+
+
+def _tenant(request) -> str | None:
+    params = request.sampling_params
+    return tenant_of(params.extra_args) if params is not None else None
+
+
+class MaskBudget:
+    """Mixed into whichever scheduler vLLM picks (async or not): a waiting request whose mask would be one too
+    many stays waiting.
+
+    Like vLLM's `max_loras`: running requests keep their slots; a new request is admitted only if its tenant is
+    already running or a slot is still free. Held requests go back to the front of the queue in their order.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.depn_slots = _num_slots(self.vllm_config)
+
+    def schedule(self, *args, **kwargs):
+        held = self._hold_excess_tenants() if self.depn_slots is not None else []
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            if held:
+                self.waiting.prepend_requests(reversed(held))
+
+    def _hold_excess_tenants(self) -> list:
+        tenants = {_tenant(r) for r in self.running} | {_tenant(r) for r in self.kv_holding_waiting}
+        tenants.discard(None)
+        held = []
+        for request in self.waiting:
+            tenant = _tenant(request)
+            if tenant is None or tenant in tenants:
+                continue
+            if len(tenants) < self.depn_slots:
+                tenants.add(tenant)
+            else:
+                held.append(request)
+        if held:
+            self.waiting.remove_requests(held)
+        return held
+
+
+_BUDGETED: dict[type, type] = {}
+_num_slots = None  # set by install
+
+
+def install(num_slots_of) -> None:
+    """Give the scheduler a mask budget, and salt every request's prefix-cache key with its tenant and mask version
+    before its blocks are hashed. `num_slots_of(vllm_config)` -> slots, or None where depn is off."""
+    global _num_slots
+    _num_slots = num_slots_of
+    get_scheduler_cls = SchedulerConfig.get_scheduler_cls
+    preprocess = EngineCore.preprocess_add_request
+
+    def patched_get_scheduler_cls(self):
+        base = get_scheduler_cls(self)
+        if base not in _BUDGETED:
+            _BUDGETED[base] = type(f"DepnMaskBudget{base.__name__}", (MaskBudget, base), {"__module__": __name__})
+        return _BUDGETED[base]
+
+    def patched_preprocess(self, request):
+        if request.sampling_params is not None:
+            request.cache_salt = cache_salt(request.sampling_params.extra_args, request.cache_salt)
+        return preprocess(self, request)
+
+    SchedulerConfig.get_scheduler_cls = patched_get_scheduler_cls
+    EngineCore.preprocess_add_request = patched_preprocess

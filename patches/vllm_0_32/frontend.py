@@ -1,0 +1,106 @@
+"""API-server side for vLLM 0.32: run vLLM's own OpenAI server with depn-serve's auth, admin routes and request
+binding. Only `depn serve` calls `run`; nothing here is installed by the plugin."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from vllm.exceptions import GracefulHTTPError, VLLMValidationError
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+from depn_serve.serving.binding import TENANT_KEY, VERSION_KEY, client_keys
+from depn_serve.serving.http import AuthMiddleware, admin_router, current_tenant
+from depn_serve.serving.state import Refused, ServingState
+
+
+def prometheus_registry():
+    return get_prometheus_registry()
+
+
+def parse_args(argv: list[str]):
+    """vLLM's own `serve` argument parser, so every vLLM option works as in `vllm serve`."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser(prog="depn serve")).parse_args(argv)
+    if args.api_key:
+        raise ValueError("--api-key: depn serve authenticates with the tenants file; remove vLLM's --api-key")
+    if (args.api_server_count or 1) > 1:
+        raise ValueError("--api-server-count: depn serve runs one API server process (tenant state lives there)")
+    validate_parsed_serve_args(args)
+    return args
+
+
+def run(args, state: ServingState) -> None:
+    import uvloop
+    from vllm.entrypoints.launchers.api_server import entry
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    cli_env_setup()
+    configure_logging_from_args(args)
+    _install(entry, state)
+    uvloop.run(entry.run_server(args))
+
+
+def _install(entry, state: ServingState) -> None:
+    build_app = entry.build_app
+    init_app_state = entry.init_app_state
+
+    def patched_build_app(args, *rest, **kwargs):
+        app = build_app(args, *rest, **kwargs)
+        app.include_router(admin_router(state))
+        # vLLM's set-up already built the middleware stack once; Starlette rebuilds it lazily on first use.
+        app.middleware_stack = None
+        app.add_middleware(AuthMiddleware, state=state)
+        return app
+
+    async def patched_init_app_state(engine_client, app_state, args, *rest, **kwargs):
+        await init_app_state(engine_client, app_state, args, *rest, **kwargs)
+        # Restore every tenant's masks before uvicorn starts answering /health.
+        await state.start(lambda method, rpc_args: engine_client.collective_rpc(method, args=rpc_args))
+
+    entry.build_app = patched_build_app
+    entry.init_app_state = patched_init_app_state
+    _bind_requests(state)
+
+
+def _bind_requests(state: ServingState) -> None:
+    """Every request that reaches the engine carries its authenticated tenant and mask version, or is refused."""
+    add_request = AsyncLLM.add_request
+    generate = AsyncLLM.generate
+
+    async def patched_add_request(self, request_id, prompt, params, *args, **kwargs):
+        tenant = current_tenant.get()
+        if tenant is None:
+            raise GracefulHTTPError("depn-serve: no authenticated tenant for this request", HTTPStatus.UNAUTHORIZED)
+        if not isinstance(params, SamplingParams):
+            raise VLLMValidationError("depn-serve serves text generation only")
+        reserved = client_keys(params.extra_args)
+        if reserved:
+            state.metrics.refused.labels("400").inc()
+            raise VLLMValidationError(
+                f"vllm_xargs keys {reserved} are reserved: the mask comes from the API key", parameter="vllm_xargs"
+            )
+        try:
+            version = state.admit(tenant)
+        except Refused as exc:
+            state.metrics.refused.labels(str(exc.status)).inc()
+            raise GracefulHTTPError(exc.message, HTTPStatus(exc.status)) from None
+        params.extra_args = {**(params.extra_args or {}), TENANT_KEY: tenant, VERSION_KEY: version}
+        state.metrics.requests.labels(state.metrics.tenant_label(tenant)).inc()
+        return await add_request(self, request_id, prompt, params, *args, **kwargs)
+
+    async def patched_generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+        tenant = current_tenant.get()
+        delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+        async for output in generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+            if tenant is not None and (delta or output.finished):
+                count = sum(len(c.token_ids) for c in output.outputs)
+                state.metrics.generated_tokens.labels(state.metrics.tenant_label(tenant)).inc(count)
+            yield output
+
+    AsyncLLM.add_request = patched_add_request
+    AsyncLLM.generate = patched_generate

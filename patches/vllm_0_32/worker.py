@@ -1,0 +1,145 @@
+"""Worker side for vLLM 0.32: mask tables next to the model, one per-token slot index filled before each step.
+
+After the weights are loaded, every decoder layer's `down_proj` gets a subclass whose forward first multiplies its
+input (the SiluAndMul output) by `keep[layer][slot_index[token]]`. Both tensors are allocated once and updated in
+place, so the same code is right in eager mode, under torch.compile and inside CUDA graphs. Before each step,
+after vLLM has ordered the batch, the per-request slots are expanded to per-token indices on the host and copied
+to the device without a sync, through the same kind of buffer vLLM uses for its own inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import RowParallelLinear, UnquantizedLinearMethod
+from vllm.model_executor.models.utils import PPMissingLayer
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker
+
+from depn_serve.serving.binding import tenant_of
+from depn_serve.serving.slots import MaskSlots
+
+logger = init_logger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+NOT_A_TENANT = ""  # requests without sampling params (pooling) get the deny row
+
+
+class WorkerMasks:
+    """The worker's tables and index buffer; created once the model is loaded."""
+
+    def __init__(self, runner: GPUModelRunner, num_slots: int):
+        hf = runner.model_config.hf_config
+        if hf.model_type not in SUPPORTED_MODEL_TYPES:
+            raise RuntimeError(
+                f"depn-serve: model type {hf.model_type!r} is not supported; "
+                f"per-tenant masks work with {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        downs = _down_projs(runner.get_model(), hf.num_hidden_layers)
+        first = next(iter(downs.values()))
+        width = first.input_size_per_partition
+        start = first.tp_rank * width
+        self.slots = MaskSlots(
+            num_slots, hf.num_hidden_layers, hf.intermediate_size, (start, start + width),
+            runner.model_config.dtype, runner.device,
+        )
+        self.index = runner._make_buffer(runner.max_num_tokens, dtype=torch.int32)
+        for layer, down in downs.items():
+            down.__class__ = _masked_class(type(down))
+            down.register_buffer("depn_keep", self.slots.keep[layer], persistent=False)
+            down.register_buffer("depn_index", self.index.gpu, persistent=False)
+        logger.info(
+            "depn-serve: masking %d layers (intermediate shard %d:%d), %d mask slots",
+            len(downs), start, start + width, num_slots,
+        )
+
+    def fill(self, runner: GPUModelRunner, num_scheduled_tokens: np.ndarray) -> None:
+        requests = runner.requests
+        req_ids = runner.input_batch.req_ids[: runner.input_batch.num_reqs]
+        tenants = [_tenant(requests[r]) for r in req_ids]
+        slots = self.slots.assign(tenants, lambda: {_tenant(s) for s in requests.values()})
+        n = int(num_scheduled_tokens.sum())
+        self.index.np[:n] = np.repeat(np.asarray(slots, dtype=np.int32), num_scheduled_tokens)
+        self.index.copy_to_gpu(n)
+
+
+def _tenant(state) -> str | None:
+    params = state.sampling_params
+    return NOT_A_TENANT if params is None else tenant_of(params.extra_args)
+
+
+def _down_projs(model: torch.nn.Module, num_layers: int) -> dict[int, RowParallelLinear]:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or len(layers) != num_layers:
+        raise RuntimeError(f"depn-serve: cannot find the {num_layers} decoder layers in {type(model).__name__}")
+    downs: dict[int, RowParallelLinear] = {}
+    for index, layer in enumerate(layers):
+        if isinstance(layer, PPMissingLayer):
+            continue
+        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        if not isinstance(down, RowParallelLinear):
+            raise RuntimeError(f"depn-serve: layer {index} has no RowParallelLinear mlp.down_proj")
+        if not isinstance(down.quant_method, UnquantizedLinearMethod):
+            raise RuntimeError(
+                f"depn-serve: layer {index} down_proj is quantized ({type(down.quant_method).__name__}); "
+                "masks need an unquantized activation"
+            )
+        downs[index] = down
+    if not downs:
+        raise RuntimeError("depn-serve: no decoder layer on this pipeline rank")
+    return downs
+
+
+_MASKED: dict[type, type] = {}
+
+
+def _masked_class(cls: type) -> type:
+    """A subclass of the layer's own class whose forward multiplies its input by the token's mask row."""
+    if cls not in _MASKED:
+
+        def forward(self, input_):
+            rows = torch.index_select(self.depn_keep, 0, self.depn_index[: input_.shape[0]])
+            return cls.forward(self, input_ * rows)
+
+        _MASKED[cls] = type(f"DepnMasked{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+    return _MASKED[cls]
+
+
+def install(num_slots_of) -> None:
+    """Patch the V1 worker and model runner. `num_slots_of(vllm_config)` -> slots, or None where depn is off."""
+    load_model = Worker.load_model
+    prepare_inputs = GPUModelRunner._prepare_inputs
+
+    def patched_load_model(self, *args, **kwargs):
+        load_model(self, *args, **kwargs)
+        num_slots = num_slots_of(self.vllm_config)
+        if num_slots is None:
+            return
+        if not isinstance(self.model_runner, GPUModelRunner):
+            raise RuntimeError(
+                f"depn-serve hooks vLLM's V1 model runner, but this worker runs {type(self.model_runner).__name__}"
+                " (Model Runner V2 is forced by a feature you enabled, or VLLM_USE_V2_MODEL_RUNNER=1)"
+            )
+        self.model_runner._depn = WorkerMasks(self.model_runner, num_slots)
+
+    def patched_prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        result = prepare_inputs(self, scheduler_output, num_scheduled_tokens)
+        masks = getattr(self, "_depn", None)
+        if masks is not None:
+            masks.fill(self, num_scheduled_tokens)
+        return result
+
+    Worker.load_model = patched_load_model
+    GPUModelRunner._prepare_inputs = patched_prepare_inputs
+
+
+class DepnWorkerExtension:
+    """Methods the server calls in every worker through `collective_rpc` (errors here do not kill the engine)."""
+
+    def depn_bind(self, tenant: str, version: int, packed: bytes | None) -> None:
+        self.model_runner._depn.slots.bind(tenant, version, packed)
+
+    def depn_status(self) -> dict:
+        return self.model_runner._depn.slots.status()
