@@ -17,7 +17,6 @@ from depn_serve.arch import MlpShape
 from depn_serve.detection.scores import ScoresFile
 from depn_serve.masks import MaskProvenance, NeuronMask
 
-
 # DEPN's threshold; the mask size was chosen on the `ci` test-bed (README, "Choosing the defaults").
 DEFAULT_THRESHOLD = 0.1
 DEFAULT_Z_FRACTION = 0.01

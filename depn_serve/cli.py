@@ -265,7 +265,8 @@ def masks_drop(server, token_file, tenant, mask_id) -> None:
 @click.pass_context
 def serve(ctx, model_dir, tenants_path, mask_store, token_file, max_mask_slots, metrics_max_tenants) -> None:
     """vLLM's OpenAI-compatible server with per-tenant masks; any other option is passed to vLLM as is."""
-    from depn_serve.serving.server import ServeError, serve as run_server
+    from depn_serve.serving.server import ServeError
+    from depn_serve.serving.server import serve as run_server
     from depn_serve.serving.store import StoreError
     from depn_serve.tenants import TenantsError
 
@@ -320,7 +321,7 @@ def eval_cmd(model_dir, records_path, valid_path, mask_path, random_baseline, ex
 @click.option("--tenant", default=None, help="tenant to protect (default: the first one)")
 @click.option("--top-z", "top_z", type=int, default=None, help="mask size (default: 1% of MLP neurons)")
 def demo(workdir: Path, profile: str, seed: int, tenant: str | None, top_z: int | None) -> None:
-    """The whole offline story: test-bed -> detect -> aggregate -> evaluate, with plots and a table."""
+    """The whole story: test-bed -> detect -> aggregate -> evaluate -> serve two tenants side by side."""
     import time
 
     from depn_serve.aggregation import aggregate_file
@@ -336,16 +337,16 @@ def demo(workdir: Path, profile: str, seed: int, tenant: str | None, top_z: int 
     info_path = bed / "testbed.json"
     if info_path.is_file():
         info = load_testbed_info(info_path)
-        console.print(f"[bold]1/4[/] using the test-bed in {bed}")
+        console.print(f"[bold]1/5[/] using the test-bed in {bed}")
     else:
-        console.print(f"[bold]1/4[/] building the '{profile}' test-bed in {bed} (a few minutes on 2 cores)")
+        console.print(f"[bold]1/5[/] building the '{profile}' test-bed in {bed} (a few minutes on 2 cores)")
         info = build_testbed(bed, profile, seed, progress=True)
     console.print(f"    memorized: {info.memorization.model_dump()}")
 
     records_path, model_dir = bed / "records.jsonl", bed / "model"
     tenant = tenant or load_records(records_path)[0].tenant
     scores_path = workdir / f"scores-{tenant}.safetensors"
-    console.print(f"[bold]2/4[/] detecting privacy neurons for tenant {tenant!r}")
+    console.print(f"[bold]2/5[/] detecting privacy neurons for tenant {tenant!r}")
     started = time.perf_counter()
     with _progress("detecting") as (on_start, advance):
         manifest = detect_to_file(model_dir, records_path, scores_path, tenant=tenant,
@@ -357,15 +358,21 @@ def demo(workdir: Path, profile: str, seed: int, tenant: str | None, top_z: int 
     mask = aggregate_file(scores_path, tenant, z=top_z)
     mask.save(mask_path)
     plot_mask_layers(mask, workdir / f"mask-{tenant}-layers.png")
-    console.print(f"[bold]3/4[/] mask: {mask.manifest.neuron_count} neurons, per layer "
+    console.print(f"[bold]3/5[/] mask: {mask.manifest.neuron_count} neurons, per layer "
                   f"{mask.manifest.neurons_per_layer} -> {mask_path}")
 
-    console.print("[bold]4/4[/] evaluating before / after / random mask of the same size")
+    console.print("[bold]4/5[/] evaluating before / after / random mask of the same size")
     with _progress("evaluating") as (on_start, advance):
         report = evaluate(model_dir, records_path, bed / "valid.txt", mask_path, on_start=on_start, progress=advance)
     atomic_write_text(workdir / "eval.json", report.model_dump_json(indent=2))
     plot_exposure(report, workdir / "exposure.png")
     console.print(render_table(report))
+
+    console.print(f"[bold]5/5[/] serving the test-bed with vLLM: {tenant!r} masked, another tenant unmasked")
+    from depn_serve.serving.demo import serve_side_by_side
+
+    serving = serve_side_by_side(bed, tenant, mask_path, workdir, console)
+    atomic_write_text(workdir / "serving.json", json.dumps(serving, indent=2))
     console.print(f"JSON, mask and plots in {workdir}")
 
 

@@ -8,14 +8,9 @@ Tests run in file order and share one server (restarted once, to check that mask
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
+import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,55 +22,13 @@ from depn_serve.editing import masked
 from depn_serve.fingerprint import model_fingerprint
 from depn_serve.masks import MaskProvenance, NeuronMask
 from depn_serve.records import load_records
+from depn_serve.serving.launch import ServerProcess
 from depn_serve.tenants import TenantsConfig
 
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 20
 TENANT_B = "globex"  # may run unmasked: reproduces the target tenant's secrets
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, work: Path, model: Path):
-        self.work, self.model = work, model
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def start(self) -> None:
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-        cmd = [str(Path(sys.executable).parent / "depn"), "serve", "--model", str(self.model),
-               "--tenants", str(self.work / "tenants.yaml"), "--mask-store", str(self.work / "store"),
-               "--admin-token-file", str(self.work / "admin.token"), "--max-mask-slots", "4",
-               "--port", str(self.port), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "256",
-               "--gpu-memory-utilization", "0.3", "--enforce-eager", "--disable-uvicorn-access-log"]
-        self.log = open(self.work / "server.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"depn serve exited: {(self.work / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-        raise RuntimeError("depn serve did not become healthy in 300 s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +43,8 @@ def setup(ci_testbed, ci_mask, tmp_path_factory):
     }
     config.save(work / "tenants.yaml")
     (work / "admin.token").write_text("admin-" + "x" * 32)
-    server = Server(work, ci_testbed / "model")
+    server = ServerProcess(ci_testbed / "model", work / "tenants.yaml", work / "store", work / "admin.token",
+                           work / "server.log", max_mask_slots=4)
     server.start()
     yield {"server": server, "keys": keys, "target": target, "mask": mask_path, "work": work,
            "records": ci_testbed / "records.jsonl"}
@@ -181,7 +135,7 @@ def _changed_prompt(setup, reference, off) -> str:
     raise AssertionError("the mask changes no output")
 
 
-def test_streaming_and_client_fields_cannot_pick_a_mask(setup, reference):
+def test_streaming_chat_and_client_fields_cannot_pick_a_mask(setup, reference):
     from openai import BadRequestError
 
     off = NeuronMask.load(setup["mask"]).off
@@ -191,6 +145,9 @@ def test_streaming_and_client_fields_cannot_pick_a_mask(setup, reference):
     model = a.models.list().data[0].id
     stream = a.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True)
     assert "".join(chunk.choices[0].text for chunk in stream) == masked_text
+    chat = a.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                     max_tokens=MAX_TOKENS, temperature=0)
+    assert chat.choices[0].message.content == masked_text  # the test-bed's chat template is the raw text
     with pytest.raises(BadRequestError, match="reserved"):
         _complete(a, prompt, extra_body={"vllm_xargs": {"depn_tenant": TENANT_B}})
     tricks = {"extra_headers": {"X-Depn-Tenant": TENANT_B, "X-Tenant": TENANT_B}, "user": TENANT_B,

@@ -105,10 +105,10 @@ class ServingState:
         """The mask version a new request of this tenant runs with, or 403 if it has no mask it may run with."""
         binding = self.bindings.get(tenant_id)
         tenant = self._tenant(tenant_id)
+        if binding is not None and binding.missing:
+            raise Refused(403, f"tenant {tenant_id!r} uses masks {list(binding.missing)} that are not pushed yet")
         if binding is None or (binding.off is None and not tenant.allow_unmasked):
             raise Refused(403, f"tenant {tenant_id!r} has no active mask and may not run unmasked")
-        if binding.missing:
-            raise Refused(403, f"tenant {tenant_id!r} uses masks {list(binding.missing)} that are not pushed yet")
         return binding.version
 
     def is_admin(self, token: str | None) -> bool:
@@ -249,7 +249,11 @@ class ServingState:
             self.store.restore(snapshot, files)
             for tenant in tenants:
                 if tenant.id in self.bindings:
-                    await self._bind(tenant, self.bindings[tenant.id])
+                    try:  # best effort: a worker that failed the new bind may still hold the old mask
+                        await self._bind(tenant, self.bindings[tenant.id])
+                    except Exception as again:
+                        logger.error("depn-serve: could not re-bind tenant %r after a failed change: %s", tenant.id,
+                                     again)
             if isinstance(exc, Refused):
                 raise
             raise Refused(500, f"the workers did not accept the mask ({exc}); nothing changed") from exc
