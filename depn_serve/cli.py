@@ -12,6 +12,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from depn_serve.bench.cli import bench
+
 # Logs and pipes get a wide console so the before/after table is not wrapped.
 console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -374,6 +376,10 @@ def demo(workdir: Path, profile: str, seed: int, tenant: str | None, top_z: int 
     serving = serve_side_by_side(bed, tenant, mask_path, workdir, console)
     atomic_write_text(workdir / "serving.json", json.dumps(serving, indent=2))
     console.print(f"JSON, mask and plots in {workdir}")
+
+
+# --- benchmarks --------------------------------------------------------------------------------------------------
+main.add_command(bench)
 
 
 # --- tenants -----------------------------------------------------------------------------------------------------

@@ -8,7 +8,15 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from depn_serve.bench.serving import BenchSettings, Measurement, run_serving_bench
+
 console = Console()
+
+
+def _setting(name: str, **kwargs):
+    """A click option whose default and help come from `BenchSettings`, so the two cannot drift apart."""
+    field = BenchSettings.model_fields[name.replace("-", "_")]
+    return click.option(f"--{name}", default=field.default, show_default=True, help=field.description, **kwargs)
 
 
 @click.group()
@@ -17,19 +25,21 @@ def bench() -> None:
 
 
 @bench.command("serving")
-@click.option("--hidden", type=int, default=1024, show_default=True)
-@click.option("--layers", type=int, default=8, show_default=True)
-@click.option("--intermediate", type=int, default=2816, show_default=True)
-@click.option("--heads", type=int, default=16, show_default=True)
-@click.option("--kv-heads", type=int, default=4, show_default=True)
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
+@_setting("hidden")
+@_setting("layers")
+@_setting("intermediate")
+@_setting("heads")
+@_setting("kv-heads")
+@_setting("vocab")
+@_setting("dtype", type=click.Choice(["bfloat16", "float32"]))
 @click.option("--eager/--compile", default=False, show_default=True, help="enforce_eager, or vLLM's torch.compile")
-@click.option("--rounds", type=int, default=3, show_default=True, help="measured rounds (plus one warm-up)")
-@click.option("--batch", type=int, default=32, show_default=True, help="prompts per run")
-@click.option("--prompt-tokens", type=int, default=32, show_default=True)
-@click.option("--max-tokens", type=int, default=64, show_default=True, help="output tokens per prompt")
-@click.option("--tenants", type=int, default=16, show_default=True, help="distinct masks in configuration (c)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@_setting("rounds")
+@_setting("batch")
+@_setting("prompt-tokens")
+@_setting("max-tokens")
+@_setting("tenants")
+@_setting("mask-fraction")
+@_setting("seed")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="write the result here")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path, dir_okay=False),
               help="write the table here")
@@ -39,8 +49,6 @@ def serving(json_path: Path | None, markdown_path: Path | None, **options) -> No
     One process holds all three engines (identical settings, random dummy weights) and runs them interleaved.
     """
     from pydantic import ValidationError
-
-    from depn_serve.bench.serving import BenchSettings, Measurement, run_serving_bench
 
     try:
         settings = BenchSettings(**options)
@@ -55,4 +63,22 @@ def serving(json_path: Path | None, markdown_path: Path | None, **options) -> No
     with tempfile.TemporaryDirectory(prefix="depn-bench-") as work:
         result = run_serving_bench(settings, Path(work), report)
     result.write(json_path, markdown_path)
-    console.print(result.markdown(), markup=False)
+    click.echo(result.markdown())
+
+
+@bench.command("mlp")
+@click.option("--hidden", default=4096, show_default=True)
+@click.option("--intermediate", default=14336, show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--tokens", default="32,256", show_default=True, help="token counts (decode batch, prefill chunk)")
+def mlp(hidden: int, intermediate: int, dtype: str, tokens: str) -> None:
+    """One MLP with and without the per-token mask gather + multiply (defaults: Llama-3-8B's shape)."""
+    from depn_serve.bench.mlp import mlp_overhead
+
+    counts = tuple(int(t) for t in tokens.split(","))
+    click.echo(f"Llama MLP hidden {hidden}, intermediate {intermediate}, {dtype}; a different slot per token\n")
+    click.echo("| tokens | plain, best (µs) | masked, best (µs) | plain / masked, best | from medians |")
+    click.echo("|---:|---:|---:|---:|---:|")
+    for row in mlp_overhead(hidden, intermediate, dtype, counts):
+        click.echo(f"| {row.tokens} | {row.plain_us:.0f} | {row.masked_us:.0f} | {row.ratio:.3f} | "
+                   f"{row.median_ratio:.3f} |")

@@ -13,6 +13,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,10 +43,10 @@ class BenchSettings(_Frozen):
     vocab: int = Field(4096, ge=512, description="requested BPE vocabulary; the trained one may be a little smaller")
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     eager: bool = Field(False, description="enforce_eager; False = vLLM's default torch.compile path")
-    rounds: int = Field(3, ge=1, description="measured rounds, after one discarded warm-up round")
-    batch: int = Field(32, ge=1)
+    rounds: int = Field(10, ge=1, description="measured rounds, after one discarded warm-up round")
+    batch: int = Field(32, ge=1, description="prompts per run")
     prompt_tokens: int = Field(32, ge=1)
-    max_tokens: int = Field(64, ge=2)
+    max_tokens: int = Field(128, ge=2, description="output tokens per prompt")
     tenants: int = Field(16, ge=1, le=64, description="distinct masks in (c), at most the 64 default mask slots")
     mask_fraction: float = Field(0.01, gt=0, lt=1)
     seed: int = 0
@@ -67,6 +68,8 @@ class ConfigSummary(_Frozen):
     tpot_ms: float = Field(description="median over measured rounds")
     throughput_ratio: float = Field(description="tokens/s over (a)'s")
     latency_ratio: float = Field(description="(a)'s per-token latency over this one's: above 1 = faster than (a)")
+    best_tokens_per_s: float = Field(description="fastest round: other load on the machine only ever slows a run")
+    best_ratio: float = Field(description="best tokens/s over (a)'s best")
 
 
 class ServingBenchResult(_Frozen):
@@ -81,17 +84,21 @@ class ServingBenchResult(_Frozen):
     def markdown(self) -> str:
         s = self.settings
         lines = [
-            f"Llama shape: hidden {s.hidden}, {s.layers} layers, intermediate {s.intermediate}, {s.heads} heads "
-            f"({s.kv_heads} KV), vocab {self.vocab_size}; {s.dtype}, {'eager' if s.eager else 'torch.compile'}; "
-            f"batch {s.batch} x ({s.prompt_tokens} prompt + {s.max_tokens} output tokens), median of {s.rounds} "
-            f"interleaved rounds; (c): {s.tenants} tenants round-robin, {s.mask_fraction:.0%} of neurons each. "
-            f"vLLM {self.versions['vllm']}, torch {self.versions['torch']}, {self.cpu_count} CPUs.",
+            (f"Llama shape: hidden {s.hidden}, {s.layers} layers, intermediate {s.intermediate}, {s.heads} heads "
+             f"({s.kv_heads} KV), vocab {self.vocab_size}; {s.dtype}, {'eager' if s.eager else 'torch.compile'}; "
+             f"batch {s.batch} x ({s.prompt_tokens} prompt + {s.max_tokens} output tokens), median of {s.rounds} "
+             f"interleaved rounds; (c): {s.tenants} tenants round-robin, {s.mask_fraction:.0%} of neurons each. "
+             f"vLLM {self.versions['vllm']}, torch {self.versions['torch']}, {self.cpu_count} CPUs. (c)'s worker "
+             f"after the run: {self.depn_status['loads']} mask loads, {self.depn_status['evictions']} evictions, "
+             f"{self.depn_status['overflows']} overflows."),
             "",
-            "| configuration | output tokens/s | per-token latency (ms) | tokens/s vs (a) | latency (a)/x |",
-            "|---|---:|---:|---:|---:|",
+            ("| configuration | output tokens/s | per-token latency (ms) | tokens/s vs (a) | latency (a)/x "
+             "| best tokens/s | best vs (a) |"),
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         lines += [
-            f"| {c.label} | {c.tokens_per_s:.1f} | {c.tpot_ms:.2f} | {c.throughput_ratio:.3f} | {c.latency_ratio:.3f} |"
+            f"| {c.label} | {c.tokens_per_s:.1f} | {c.tpot_ms:.2f} | {c.throughput_ratio:.3f} | {c.latency_ratio:.3f} "
+            f"| {c.best_tokens_per_s:.1f} | {c.best_ratio:.3f} |"
             for c in self.summary
         ]
         return "\n".join(lines) + "\n"
@@ -116,9 +123,9 @@ def build_model_dir(settings: BenchSettings, out: Path) -> int:
     LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=settings.hidden, intermediate_size=settings.intermediate,
         num_hidden_layers=settings.layers, num_attention_heads=settings.heads, num_key_value_heads=settings.kv_heads,
-        max_position_embeddings=2048, bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+        max_position_embeddings=settings.prompt_tokens + settings.max_tokens, bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS), pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
-        tie_word_embeddings=False, torch_dtype=settings.dtype,
+        tie_word_embeddings=False, dtype=settings.dtype,
     ).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return len(tokenizer)
@@ -143,16 +150,11 @@ def tenant_masks(settings: BenchSettings) -> dict[str, bytes]:
 def run_serving_bench(
     settings: BenchSettings, work_dir: Path, on_measurement: Callable[[Measurement, bool], None] = lambda m, w: None
 ) -> ServingBenchResult:
-    """Start the three engines, then time the same batch on each, rotating the order every round.
-
-    `on_measurement(m, warm_up)` is called after every run.
-    """
-    import random
-
+    """Start (a), (b), (c) in this process, run them interleaved, check (c) used its masks; `on_measurement(m,
+    warm_up)` is called after every run. Leaves DEPN_SERVE=1 in os.environ (engine_kwargs sets it)."""
+    import depn_serve_patches
     import torch
     import vllm
-
-    import depn_serve_patches
 
     vocab = build_model_dir(settings, work_dir / "model")
     # (a) must start without the plugin; engine_kwargs() switches it on for the engines started after it.
@@ -160,16 +162,45 @@ def run_serving_bench(
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # vLLM's compile-cache key ignores worker_extension_cls: without this, (b)/(c) could reuse (a)'s unmasked graph.
     os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
-    common = dict(
-        model=str(work_dir / "model"), load_format="dummy", dtype=settings.dtype, seed=settings.seed,
-        enforce_eager=settings.eager, max_num_seqs=settings.batch,
-        max_model_len=settings.prompt_tokens + settings.max_tokens, gpu_memory_utilization=0.3,
-        disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics) for the per-token latency
+    common = {
+        "model": str(work_dir / "model"), "load_format": "dummy", "dtype": settings.dtype, "seed": settings.seed,
+        "enforce_eager": settings.eager, "max_num_seqs": settings.batch,
+        "max_model_len": settings.prompt_tokens + settings.max_tokens, "gpu_memory_utilization": 0.3,
+        "disable_log_stats": False,  # per-request timestamps (RequestOutput.metrics) for the per-token latency
+    }
+    with ExitStack() as running:
+
+        def start(**kwargs) -> vllm.LLM:
+            llm = vllm.LLM(**common, **kwargs)
+            running.callback(llm.llm_engine.engine_core.shutdown)  # else a failure leaves engine processes behind
+            return llm
+
+        engines = {"vllm": start()}
+        extension = depn_serve_patches.engine_kwargs()
+        engines["depn-identity"] = start(**extension)
+        engines["depn-masked"] = start(**extension)
+        measurements = _interleaved(settings, engines, vocab, on_measurement)
+        identity_status = engines["depn-identity"].collective_rpc("depn_status")[0]
+        status = engines["depn-masked"].collective_rpc("depn_status")[0]
+    used = min(settings.tenants, settings.batch)
+    if identity_status["loads"] or status["loads"] < used or status["overflows"] or status["unknown"]:
+        raise RuntimeError(f"masks were not applied as intended: (b) {identity_status}, (c) {status}")
+    return ServingBenchResult(
+        settings=settings, vocab_size=vocab, versions={"vllm": vllm.__version__, "torch": torch.__version__,
+                                                       "python": platform.python_version()},
+        cpu_count=os.cpu_count(), measurements=measurements, summary=_summarize(settings, measurements),
+        depn_status=status,
     )
-    engines = {"vllm": vllm.LLM(**common)}
-    extension = depn_serve_patches.engine_kwargs()
-    engines["depn-identity"] = vllm.LLM(**common, **extension)
-    engines["depn-masked"] = vllm.LLM(**common, **extension)
+
+
+def _interleaved(
+    settings: BenchSettings, engines: dict, vocab: int, on_measurement: Callable[[Measurement, bool], None]
+) -> list[Measurement]:
+    """Bind (c)'s masks, then run the same batch on each engine, rotating the order every round."""
+    import random
+
+    import vllm
+
     tenants = tenant_masks(settings)
     for tenant, packed in tenants.items():
         engines["depn-masked"].collective_rpc("depn_bind", args=(tenant, 1, packed))
@@ -184,23 +215,12 @@ def run_serving_bench(
         rng = random.Random(settings.seed * 1000 + round_)  # fresh prompts each round (no prefix-cache hits)
         prompts = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(settings.prompt_tokens)]}
                    for _ in range(settings.batch)]
-        order = CONFIGS[round_ % 3:] + CONFIGS[: round_ % 3]
-        for config in order:
+        for config in CONFIGS[round_ % 3:] + CONFIGS[: round_ % 3]:
             m = _timed(engines[config], prompts, [params(config, i) for i in range(settings.batch)], config, round_)
             on_measurement(m, round_ == 0)
             if round_ > 0:
                 measurements.append(m)
-
-    identity_status = engines["depn-identity"].collective_rpc("depn_status")[0]
-    status = engines["depn-masked"].collective_rpc("depn_status")[0]
-    if identity_status["loads"] != 0 or status["loads"] < settings.tenants or status["overflows"] or status["unknown"]:
-        raise RuntimeError(f"masks were not applied as intended: (b) {identity_status}, (c) {status}")
-    return ServingBenchResult(
-        settings=settings, vocab_size=vocab, versions={"vllm": vllm.__version__, "torch": torch.__version__,
-                                                       "python": platform.python_version()},
-        cpu_count=os.cpu_count(), measurements=measurements, summary=_summarize(settings, measurements),
-        depn_status=status,
-    )
+    return measurements
 
 
 def _timed(llm, prompts: list[dict], params: list, config: ConfigName, round_: int) -> Measurement:
@@ -216,14 +236,20 @@ def _timed(llm, prompts: list[dict], params: list, config: ConfigName, round_: i
 
 
 def _summarize(settings: BenchSettings, measurements: list[Measurement]) -> list[ConfigSummary]:
-    medians = {
-        c: (statistics.median(m.tokens_per_s for m in measurements if m.config == c),
-            statistics.median(m.tpot_ms for m in measurements if m.config == c))
-        for c in CONFIGS
-    }
-    base_tps, base_tpot = medians["vllm"]
-    return [
-        ConfigSummary(config=c, label=LABELS[c].format(tenants=settings.tenants), tokens_per_s=tps, tpot_ms=tpot,
-                      throughput_ratio=tps / base_tps, latency_ratio=base_tpot / tpot)
-        for c, (tps, tpot) in medians.items()
-    ]
+    def runs(config: ConfigName) -> list[Measurement]:
+        return [m for m in measurements if m.config == config]
+
+    def figures(config: ConfigName) -> tuple[float, float, float]:
+        tps = [m.tokens_per_s for m in runs(config)]
+        return statistics.median(tps), statistics.median(m.tpot_ms for m in runs(config)), max(tps)
+
+    base_tps, base_tpot, base_best = figures("vllm")
+    summary = []
+    for config in CONFIGS:
+        tps, tpot, best = figures(config)
+        summary.append(ConfigSummary(
+            config=config, label=LABELS[config].format(tenants=settings.tenants), tokens_per_s=tps, tpot_ms=tpot,
+            throughput_ratio=tps / base_tps, latency_ratio=base_tpot / tpot, best_tokens_per_s=best,
+            best_ratio=best / base_best,
+        ))
+    return summary
