@@ -53,18 +53,21 @@ def tally_votes(scores: Iterable[torch.Tensor], threshold: float) -> VoteTally:
     return tally
 
 
+def vote_order(tally: VoteTally) -> torch.Tensor:
+    """Flat indices of every neuron with at least one vote, by (votes, summed score), best first."""
+    votes = tally.votes.flatten().to(torch.float64)
+    # Sort by the tie-breaker first, then stably by votes.
+    order = torch.argsort(tally.summed.flatten(), descending=True, stable=True)
+    order = order[torch.argsort(votes[order], descending=True, stable=True)]
+    return order[votes[order] > 0]
+
+
 def top_z(tally: VoteTally, z: int) -> torch.Tensor:
     """Bool `[num_layers, intermediate_size]`: the z most-voted neurons (never a neuron without votes)."""
     if z < 1:
         raise ValueError(f"top_z: expected a positive count, found {z}")
-    votes = tally.votes.flatten().to(torch.float64)
-    # Rank by (votes, summed score): sort by the tie-breaker first, then stably by votes.
-    order = torch.argsort(tally.summed.flatten(), descending=True, stable=True)
-    order = order[torch.argsort(votes[order], descending=True, stable=True)]
-    chosen = order[:z]
-    chosen = chosen[votes[chosen] > 0]
-    off = torch.zeros(votes.numel(), dtype=torch.bool)
-    off[chosen] = True
+    off = torch.zeros(tally.votes.numel(), dtype=torch.bool)
+    off[vote_order(tally)[:z]] = True
     return off.view(tally.votes.shape)
 
 
@@ -76,24 +79,31 @@ def random_selection(shape: tuple[int, int], count: int, seed: int = 0) -> torch
     return off.view(shape)
 
 
-def aggregate_file(
-    scores_path: Path, tenant: str, threshold: float = DEFAULT_THRESHOLD, z: int | None = None
-) -> NeuronMask:
-    """Build `tenant`'s mask from a SCORES file (streamed record by record)."""
+def tally_file(scores_path: Path, tenant: str, threshold: float = DEFAULT_THRESHOLD) -> tuple[VoteTally, ScoresFile]:
+    """The votes of `tenant`'s records in a SCORES file (streamed record by record)."""
     scores = ScoresFile(scores_path)
     record_ids = scores.record_ids(tenant)
     if not record_ids:
         tenants = sorted(set(scores.manifest.record_tenants.values()))
         raise ValueError(f"{scores_path}: no scored records of tenant {tenant!r}; tenants present: {tenants}")
+    return tally_votes((t for _, t in scores.iter_scores(record_ids)), threshold), scores
+
+
+def mask_from(scores: ScoresFile, tenant: str, off: torch.Tensor, records: int, method: str,
+              aggregator: dict) -> NeuronMask:
+    m = scores.manifest
+    provenance = MaskProvenance(method=method, records_sha256=m.records_sha256, records=records,
+                                detector=m.detector_params(), aggregator=aggregator)
+    shape = MlpShape(m.architecture, m.num_layers, m.intermediate_size)
+    return NeuronMask.create(tenant, m.model_fingerprint, shape, off, provenance)
+
+
+def aggregate_file(
+    scores_path: Path, tenant: str, threshold: float = DEFAULT_THRESHOLD, z: int | None = None
+) -> NeuronMask:
+    """Build `tenant`'s mask from a SCORES file: the top-z neurons by votes."""
+    tally, scores = tally_file(scores_path, tenant, threshold)
     m = scores.manifest
     z = default_top_z(m.num_layers, m.intermediate_size) if z is None else z
-    tally = tally_votes((t for _, t in scores.iter_scores(record_ids)), threshold)
-    provenance = MaskProvenance(
-        method="depn-vote",
-        records_sha256=m.records_sha256,
-        records=tally.records,
-        detector=m.detector_params(),
-        aggregator={"threshold": threshold, "top_z": z, "voters": tally.voters},
-    )
-    shape = MlpShape(m.architecture, m.num_layers, m.intermediate_size)
-    return NeuronMask.create(tenant, m.model_fingerprint, shape, top_z(tally, z), provenance)
+    return mask_from(scores, tenant, top_z(tally, z), tally.records, "depn-vote",
+                     {"threshold": threshold, "top_z": z, "voters": tally.voters})

@@ -121,20 +121,82 @@ def detect(model_dir, records_path, tenant, steps, layers, batch_rows, device, o
 @click.argument("scores", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--tenant", required=True)
 @click.option("--threshold", type=float, default=None,
-              help="a record votes for neurons >= threshold x its max (default: 0.1)")
+              help="vote if score >= threshold x the record's maximum (default: 0.1, DEPN's)")
 @click.option("--top-z", "top_z", type=int, default=None, help="mask size (default: 1% of MLP neurons)")
+@click.option("--target-exposure", type=float, default=None,
+              help="budgeted mode: the fewest neurons that bring every record's exposure below this (bits)")
+@click.option("--ppl-budget", type=float, default=None, help="budgeted mode: allowed perplexity increase, percent")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="budgeted mode: the model the scores came from")
+@click.option("--records", "records_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="budgeted mode: the records file")
+@click.option("--valid", "valid_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="budgeted mode: validation text (blank-line separated)")
+@click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="budgeted mode: write the search report (JSON) here")
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
-def aggregate(scores, tenant, threshold, top_z, out) -> None:
-    """Let a tenant's records vote; keep the top-z neurons as the tenant's mask."""
+def aggregate(scores, tenant, threshold, top_z, target_exposure, ppl_budget, model_dir, records_path, valid_path,
+              report_path, out) -> None:
+    """Let a tenant's records vote; keep the top-z neurons, or (budgeted) the fewest that stop the leaks."""
     from depn_serve.aggregation import DEFAULT_THRESHOLD, aggregate_file
 
-    try:
-        mask = aggregate_file(scores, tenant, DEFAULT_THRESHOLD if threshold is None else threshold, top_z)
-    except ValueError as exc:
-        _fail(exc)
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    budgeted = (target_exposure, ppl_budget, model_dir, records_path, valid_path)
+    if any(v is not None for v in budgeted):
+        if any(v is None for v in budgeted) or top_z is not None:
+            _fail(ValueError("budgeted mode needs --target-exposure, --ppl-budget, --model, --records and --valid "
+                             "(and no --top-z)"))
+        mask = _budgeted(scores, tenant, threshold, target_exposure, ppl_budget, model_dir, records_path,
+                         valid_path, report_path)
+    else:
+        try:
+            mask = aggregate_file(scores, tenant, threshold, top_z)
+        except ValueError as exc:
+            _fail(exc)
     mask.save(out)
     m = mask.manifest
     console.print(f"mask for tenant {tenant!r}: {m.neuron_count} neurons from {m.provenance.records} records -> {out}")
+
+
+def _budgeted(scores, tenant, threshold, target_exposure, ppl_budget, model_dir, records_path, valid_path,
+              report_path):
+    from pydantic import ValidationError
+
+    from depn_serve.aggregation import mask_from, tally_file, vote_order
+    from depn_serve.arch import load_model
+    from depn_serve.budget import BudgetSettings, budgeted_selection
+    from depn_serve.fileio import atomic_write_text
+    from depn_serve.fingerprint import model_fingerprint
+    from depn_serve.records import load_records
+    from depn_serve.testbed.corpus import read_valid_texts
+
+    try:
+        budget = BudgetSettings(target_exposure=target_exposure, ppl_budget=ppl_budget)
+        tally, scores_file = tally_file(scores, tenant, threshold)
+        if model_fingerprint(model_dir) != scores_file.manifest.model_fingerprint:
+            raise ValueError(f"{model_dir}: not the model {scores} was computed on (fingerprints differ)")
+        records = load_records(records_path, tenant)
+        if not records:
+            raise ValueError(f"{records_path}: no records of tenant {tenant!r}")
+    except (ValidationError, ValueError) as exc:
+        _fail(exc)
+    model, tokenizer = load_model(model_dir)
+    shape = (scores_file.manifest.num_layers, scores_file.manifest.intermediate_size)
+
+    def show(point) -> None:
+        console.print(f"  {point.neurons:6d} neurons: perplexity {point.perplexity:.2f}"
+                      f"{'' if point.within_budget else ' (over budget)'}, {point.protected}/{len(records)} protected")
+
+    off, report = budgeted_selection(model, tokenizer, records, read_valid_texts(valid_path), vote_order(tally),
+                                     shape, budget, on_point=show)
+    if report_path:
+        atomic_write_text(report_path, report.model_dump_json(indent=2))
+    verdict = "all protected" if report.all_protected else f"still leaking: {', '.join(report.unprotected)}"
+    console.print(f"{report.neurons} of {report.candidates} voted neurons; perplexity {report.ppl_before:.2f} -> "
+                  f"{report.ppl_after:.2f} ({report.ppl_change_pct:+.1f} %); {verdict}; {report.seconds:.0f} s")
+    return mask_from(scores_file, tenant, off, tally.records, "depn-vote-budgeted",
+                     {"threshold": threshold, "target_exposure": target_exposure, "ppl_budget": ppl_budget,
+                      "neurons": report.neurons, "all_protected": report.all_protected})
 
 
 # --- masks -------------------------------------------------------------------------------------------------------
