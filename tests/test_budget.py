@@ -49,3 +49,15 @@ def test_budgeted_mask_is_the_smallest_prefix_that_protects(ci_testbed, ci_mask)
     assert report.all_protected and report.ppl_change_pct <= 20.0 and int(off.sum()) == report.neurons > 0
     smaller = points.get(report.neurons - 1)
     assert report.neurons == 1 or (smaller is not None and smaller.protected < len(records))
+
+
+def test_budgeted_mode_needs_all_its_options(tmp_path):
+    from click.testing import CliRunner
+
+    from depn_serve.cli import main
+
+    scores = tmp_path / "scores.safetensors"
+    scores.write_bytes(b"x")
+    result = CliRunner().invoke(main, ["aggregate", str(scores), "--tenant", "acme", "--target-exposure", "20",
+                                       "--out", str(tmp_path / "m.safetensors")])
+    assert result.exit_code != 0 and "budgeted mode needs" in result.output
