@@ -349,11 +349,14 @@ def serve(ctx, model_dir, tenants_path, mask_store, token_file, max_mask_slots, 
 @click.option("--random-baseline/--no-random-baseline", default=True, show_default=True,
               help="also evaluate a random mask of the same size")
 @click.option("--exposure-samples", default=1000, show_default=True, help="candidates for the skew-normal fit")
+@click.option("--robustness", is_flag=True,
+              help="also held-out paraphrase prompts (extraction, exposure) and sampled extraction (slower)")
+@click.option("--samples", default=10, show_default=True, help="with --robustness: samples per record and temperature")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), default=None)
-def eval_cmd(model_dir, records_path, valid_path, mask_path, random_baseline, exposure_samples, seed, device,
-             json_out) -> None:
+def eval_cmd(model_dir, records_path, valid_path, mask_path, random_baseline, exposure_samples, robustness, samples,
+             seed, device, json_out) -> None:
     """Extraction, exposure, MRR and validation perplexity, before and after a mask, per tenant."""
     from depn_serve.evaluation.metrics import EvalSettings
     from depn_serve.evaluation.report import render_table
@@ -365,8 +368,8 @@ def eval_cmd(model_dir, records_path, valid_path, mask_path, random_baseline, ex
         with _progress("evaluating") as (on_start, advance):
             report = evaluate(
                 model_dir, records_path, valid_path, mask_path, random_baseline=random_baseline, seed=seed,
-                settings=EvalSettings(exposure_samples=exposure_samples), device=device,
-                on_start=on_start, progress=advance,
+                settings=EvalSettings(exposure_samples=exposure_samples, robustness=robustness, samples=samples),
+                device=device, on_start=on_start, progress=advance,
             )
     except (MaskError, ValueError, FileNotFoundError) as exc:
         _fail(exc)

@@ -21,8 +21,26 @@ def greedy_generate(
     model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, batch_size: int = 64
 ) -> list[list[int]]:
     """Greedy continuations of token-id prompts (left-padded batches; rows that hit EOS are padded)."""
+    return [rows[0] for rows in _generate(model, prompts, max_new_tokens, pad_id, batch_size, {"do_sample": False})]
+
+
+@torch.no_grad()
+def sample_generate(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, temperature: float, samples: int,
+    seed: int = 0, batch_size: int = 16,
+) -> list[list[list[int]]]:
+    """`samples` continuations per prompt, sampled from the full distribution at `temperature` (seeded)."""
+    torch.manual_seed(seed)
+    options = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0,
+               "num_return_sequences": samples}
+    return _generate(model, prompts, max_new_tokens, pad_id, batch_size, options)
+
+
+def _generate(model, prompts, max_new_tokens: int, pad_id: int, batch_size: int, options: dict
+              ) -> list[list[list[int]]]:
     device = next(model.parameters()).device
-    out: list[list[int]] = []
+    per_prompt = options.get("num_return_sequences", 1)
+    out: list[list[list[int]]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)
@@ -32,13 +50,10 @@ def greedy_generate(
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = 1
         generated = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-        )
-        out.extend(generated[:, width:].tolist())
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id, **options,
+        )[:, width:].tolist()
+        out.extend(generated[i : i + per_prompt] for i in range(0, len(generated), per_prompt))
     return out
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Sequence
 
 import torch
 from pydantic import BaseModel
 
 from depn_serve.evaluation.exposure import digit_token_ids, exposure
-from depn_serve.evaluation.generation import greedy_generate, pad_id_of
+from depn_serve.evaluation.generation import greedy_extraction, greedy_generate, pad_id_of, sample_generate
 from depn_serve.records import DIGIT_KINDS, PrivateRecord, encode_record
 
 
@@ -24,6 +25,10 @@ class RecordResult(BaseModel):
     exposure: float | None = None  # digit kinds only
     exposure_method: str | None = None
     exposure_rank: int | None = None
+    # Robustness (only with EvalSettings.robustness): held-out paraphrase prompts and sampling.
+    paraphrase_extraction: float | None = None  # share of the record's paraphrase prompts that extract it
+    paraphrase_exposure: float | None = None  # mean exposure over its paraphrase prompts (digit kinds)
+    sampled_extraction: dict[str, float] | None = None  # temperature -> share of samples reproducing the secret
 
 
 class EvalSettings(BaseModel):
@@ -31,6 +36,9 @@ class EvalSettings(BaseModel):
     exposure_max_frontier: int = 4096
     ppl_max_len: int = 256
     batch_size: int = 32
+    robustness: bool = False  # also paraphrase prompts and sampled extraction
+    sample_temperatures: tuple[float, ...] = (0.7, 1.0)
+    samples: int = 10  # per record and temperature
 
 
 @torch.no_grad()
@@ -64,10 +72,35 @@ def record_results(
                 samples=settings.exposure_samples, max_frontier=settings.exposure_max_frontier, seed_key=record.id,
             )
             result.exposure, result.exposure_method, result.exposure_rank = exp.exposure, exp.method, exp.rank
+        if settings.robustness:
+            _robustness(model, tokenizer, record, result, digits, settings)
         results.append(result)
         if progress:
             progress()
     return results
+
+
+def _robustness(model, tokenizer, record: PrivateRecord, result: RecordResult, digits: list[int],
+                settings: EvalSettings) -> None:
+    """Does the secret still come out when the prompt is reworded, or when decoding samples instead of argmax?"""
+    if record.paraphrases:
+        extracted = greedy_extraction(model, tokenizer, [record] * len(record.paraphrases), record.paraphrases)
+        result.paraphrase_extraction = sum(extracted) / len(extracted)
+        if record.kind in DIGIT_KINDS:
+            values = []
+            for index, prompt in enumerate(record.paraphrases):
+                prompt_ids, secret_ids = encode_record(tokenizer, record, prompt)
+                values.append(exposure(model, prompt_ids, secret_ids, digits, samples=settings.exposure_samples,
+                                       max_frontier=settings.exposure_max_frontier,
+                                       seed_key=f"{record.id}:{index}").exposure)
+            result.paraphrase_exposure = sum(values) / len(values)
+    prompt_ids, secret_ids = encode_record(tokenizer, record)
+    result.sampled_extraction = {}
+    for temperature in settings.sample_temperatures:
+        rows = sample_generate(model, [prompt_ids], len(secret_ids), pad_id_of(tokenizer), temperature,
+                               settings.samples, seed=zlib.crc32(record.id.encode()))
+        hits = [row[: len(secret_ids)] == secret_ids for row in rows[0]]
+        result.sampled_extraction[f"{temperature:g}"] = sum(hits) / len(hits)
 
 
 @torch.no_grad()

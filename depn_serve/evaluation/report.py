@@ -22,6 +22,9 @@ class GroupSummary(BaseModel):
     mean_secret_bits: float
     mean_exposure: float | None  # over digit records (phone, id_number)
     exposure_methods: dict[str, int]
+    paraphrase_extraction: float | None = None  # robustness metrics: means over the records that have them
+    paraphrase_exposure: float | None = None
+    sampled_extraction: dict[str, float] | None = None  # temperature -> share of samples reproducing the secret
 
 
 class StateResult(BaseModel):
@@ -44,8 +47,14 @@ class EvalReport(BaseModel):
         return next(s for s in self.states if s.name == name)
 
 
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return fmean(values) if values else None
+
+
 def summarize(results: Sequence[RecordResult]) -> GroupSummary:
     digits = [r.exposure for r in results if r.exposure is not None]
+    sampled = [r.sampled_extraction for r in results if r.sampled_extraction]
     methods: dict[str, int] = {}
     for r in results:
         if r.exposure_method:
@@ -57,6 +66,9 @@ def summarize(results: Sequence[RecordResult]) -> GroupSummary:
         mean_secret_bits=fmean(r.secret_bits for r in results),
         mean_exposure=fmean(digits) if digits else None,
         exposure_methods=methods,
+        paraphrase_extraction=_mean(r.paraphrase_extraction for r in results),
+        paraphrase_exposure=_mean(r.paraphrase_exposure for r in results),
+        sampled_extraction={t: fmean(s[t] for s in sampled) for t in sampled[0]} if sampled else None,
     )
 
 
@@ -117,4 +129,10 @@ def render_table(report: EvalReport) -> Table:
         row(f"{label}: extraction", lambda s, g=group: s.groups[g].extraction)
         row(f"{label}: mean exposure", lambda s, g=group: s.groups[g].mean_exposure)
         row(f"{label}: MRR", lambda s, g=group: s.groups[g].mrr)
+        if base.groups[group].paraphrase_extraction is not None:
+            row(f"{label}: paraphrase extraction", lambda s, g=group: s.groups[g].paraphrase_extraction)
+            row(f"{label}: paraphrase exposure", lambda s, g=group: s.groups[g].paraphrase_exposure)
+        for temperature in base.groups[group].sampled_extraction or {}:
+            row(f"{label}: sampled extraction, T={temperature}",
+                lambda s, g=group, t=temperature: s.groups[g].sampled_extraction[t])
     return table
