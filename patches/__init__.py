@@ -17,6 +17,7 @@ from typing import Any
 ENABLE_ENV = "DEPN_SERVE"
 SUPPORTED = {"0.32": "vllm_0_32"}
 DEFAULT_MAX_MASK_SLOTS = 64
+CONFIG_KEY = "depn"  # in vLLM's additional_config, which every vLLM process sees (and the compile cache hashes)
 
 logger = logging.getLogger("depn_serve")
 
@@ -56,5 +57,10 @@ def engine_kwargs(max_mask_slots: int = DEFAULT_MAX_MASK_SLOTS) -> dict[str, Any
     hooks = versioned()
     return {
         "worker_extension_cls": hooks.WORKER_EXTENSION_CLS,
-        "additional_config": {"depn": {"max_mask_slots": max_mask_slots}},
+        "additional_config": {CONFIG_KEY: {"max_mask_slots": max_mask_slots}},
     }
+
+
+def max_mask_slots(vllm_config) -> int | None:
+    """The engine's mask slots, or None for an engine started without `engine_kwargs` (masks off)."""
+    return (vllm_config.additional_config or {}).get(CONFIG_KEY, {}).get("max_mask_slots")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from depn_serve.aggregation import random_selection
 from depn_serve.arch import load_model, mlp_shape, read_config
 from depn_serve.cli import main as cli
 from depn_serve.editing import masked
@@ -158,8 +159,8 @@ def test_streaming_chat_and_client_fields_cannot_pick_a_mask(setup, reference):
 def _wide_mask(ci_testbed, tenant: str) -> NeuronMask:
     config = read_config(ci_testbed / "model")
     shape = mlp_shape(config)
-    off = torch.zeros(shape.num_layers, shape.intermediate_size, dtype=torch.bool)
-    off.view(-1)[torch.randperm(off.numel(), generator=torch.Generator().manual_seed(3))[: off.numel() // 4]] = True
+    off = random_selection((shape.num_layers, shape.intermediate_size),
+                           shape.num_layers * shape.intermediate_size // 4, seed=3)
     return NeuronMask.create(tenant, model_fingerprint(ci_testbed / "model"), shape, off, MaskProvenance(method="test"))
 
 

@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from depn_serve.aggregation import random_selection
 from depn_serve.arch import load_model
 from depn_serve.editing import masked
 from depn_serve.masks import NeuronMask, pack_bits
@@ -26,10 +27,7 @@ MAX_TOKENS = 16
 
 
 def _random_off(shape, fraction: float, seed: int) -> torch.Tensor:
-    off = torch.zeros(shape, dtype=torch.bool)
-    count = int(fraction * off.numel())
-    off.view(-1)[torch.randperm(off.numel(), generator=torch.Generator().manual_seed(seed))[:count]] = True
-    return off
+    return random_selection(tuple(shape), int(fraction * shape[0] * shape[1]), seed)
 
 
 @pytest.fixture(scope="module")

@@ -133,18 +133,13 @@ def build_model_dir(settings: BenchSettings, out: Path) -> int:
 
 def tenant_masks(settings: BenchSettings) -> dict[str, bytes]:
     """Distinct seeded masks, each switching off the same number of random neurons."""
-    import torch
-
+    from depn_serve.aggregation import random_selection
     from depn_serve.masks import pack_bits
 
-    total = settings.layers * settings.intermediate
-    masks = {}
-    for t in range(settings.tenants):
-        generator = torch.Generator().manual_seed(settings.seed * 1000 + t)
-        off = torch.zeros(total, dtype=torch.bool)
-        off[torch.randperm(total, generator=generator)[: max(1, round(settings.mask_fraction * total))]] = True
-        masks[f"bench-{t:02d}"] = pack_bits(off.view(settings.layers, settings.intermediate)).tobytes()
-    return masks
+    shape = (settings.layers, settings.intermediate)
+    count = max(1, round(settings.mask_fraction * shape[0] * shape[1]))
+    return {f"bench-{t:02d}": pack_bits(random_selection(shape, count, settings.seed * 1000 + t)).tobytes()
+            for t in range(settings.tenants)}
 
 
 def run_serving_bench(
@@ -160,7 +155,7 @@ def run_serving_bench(
     # (a) must start without the plugin; engine_kwargs() switches it on for the engines started after it.
     os.environ.pop(depn_serve_patches.ENABLE_ENV, None)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # vLLM's compile-cache key ignores worker_extension_cls: without this, (b)/(c) could reuse (a)'s unmasked graph.
+    # Every engine compiles fresh, so no configuration starts with another's cached graph.
     os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
     common = {
         "model": str(work_dir / "model"), "load_format": "dummy", "dtype": settings.dtype, "seed": settings.seed,

@@ -34,7 +34,7 @@ def serve_side_by_side(bed: Path, tenant: str, mask_path: Path, workdir: Path, c
 
     server = ServerProcess(bed / "model", serve_dir / "tenants.yaml", serve_dir / "store", token_file,
                            serve_dir / "server.log")
-    console.print(f"    starting depn serve on {server.url} (vLLM engine start-up, ~30 s; log: {server.log_path})")
+    console.print(f"    starting depn serve on {server.url} (vLLM engine start-up, about 30 s; log: {server.log_path})")
     with server:
         pushed = AdminClient(server.url, token_file).push(tenant, f"{tenant}-depn", mask_path)
         console.print(f"    pushed mask {pushed['mask']} v{pushed['version']} ({pushed['neurons']} neurons) "

@@ -37,6 +37,7 @@ class ServerProcess:
                         *vllm_options]
         self.log_path = Path(log)
         self.proc: subprocess.Popen | None = None
+        self._model_id: str | None = None
 
     def start(self, timeout: float = 300) -> None:
         env = {**os.environ}
@@ -85,10 +86,13 @@ class ServerProcess:
             return json.loads(response.read())["choices"][0]["text"]
 
     def model_id(self, key: str) -> str:
-        request = urllib.request.Request(self.url + "/v1/models")
-        request.add_header("Authorization", f"Bearer {key}")
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())["data"][0]["id"]
+        """The served model's name, as /v1/models reports it (asked once)."""
+        if self._model_id is None:
+            request = urllib.request.Request(self.url + "/v1/models")
+            request.add_header("Authorization", f"Bearer {key}")
+            with urllib.request.urlopen(request, timeout=30) as response:
+                self._model_id = json.loads(response.read())["data"][0]["id"]
+        return self._model_id
 
     def metrics(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=30) as response:

@@ -23,7 +23,7 @@ from depn_serve.arch import MlpShape
 from depn_serve.fingerprint import ModelFingerprint
 from depn_serve.masks import MaskError, NeuronMask, pack_bits
 from depn_serve.serving.metrics import DepnMetrics
-from depn_serve.serving.store import MaskStore, StoreError
+from depn_serve.serving.store import Checkpoint, MaskStore, StoreError
 from depn_serve.tenants import Tenant, TenantsConfig, TenantsError
 
 logger = logging.getLogger("depn_serve.serving")
@@ -121,19 +121,18 @@ class ServingState:
         try:
             tenant = self._tenant(tenant_id)
             try:
-                path = self.store.path(mask_id)
+                self.store.path(mask_id)  # validates the id
                 mask = NeuronMask.from_bytes(data, source=f"pushed mask {mask_id!r}")
                 mask.check_model(self.fingerprint, self.shape, source=f"pushed mask {mask_id!r}")
             except (MaskError, StoreError) as exc:
                 raise Refused(400, str(exc)) from None
             async with self._lock:
-                previous_file = path.read_bytes() if path.exists() else None
-                snapshot = self.store.snapshot()
+                checkpoint = self.store.checkpoint(mask_id)
                 entry = self.store.put(mask_id, data, mask)
                 if mask_id not in self.mask_ids(tenant):
                     self.store.bind(tenant.id, [*self.mask_ids(tenant), mask_id])
                 affected = [t for t in self.tenants.tenants if mask_id in self.mask_ids(t)]
-                await self._apply(affected, snapshot, {mask_id: previous_file})
+                await self._apply(affected, checkpoint)
         except Refused as exc:
             self.metrics.pushes.labels("rejected" if exc.status < 500 else "failed").inc()
             raise
@@ -148,13 +147,11 @@ class ServingState:
             ids = self.mask_ids(tenant)
             if mask_id not in ids:
                 raise Refused(404, f"tenant {tenant.id!r} does not use mask {mask_id!r} (it uses {ids})")
-            snapshot = self.store.snapshot()
-            path = self.store.path(mask_id)
-            previous_file = path.read_bytes() if path.exists() else None
+            checkpoint = self.store.checkpoint(mask_id)
             self.store.bind(tenant.id, [i for i in ids if i != mask_id])
             if not any(mask_id in self.mask_ids(t) for t in self.tenants.tenants):
                 self.store.remove(mask_id)
-            await self._apply([tenant], snapshot, {mask_id: previous_file})
+            await self._apply([tenant], checkpoint)
         try:
             self.admit(tenant.id)
             servable = True
@@ -237,7 +234,7 @@ class ServingState:
         self.bindings[tenant_id] = binding
         self.metrics.masked_neurons.labels(self.metrics.tenant_label(tenant_id)).set(binding.neurons)
 
-    async def _apply(self, tenants: list[Tenant], snapshot, files: dict[str, bytes | None]) -> None:
+    async def _apply(self, tenants: list[Tenant], checkpoint: Checkpoint) -> None:
         """Bind the tenants' new unions in the workers; on any failure put the store and the workers back."""
         new = {}
         try:
@@ -246,7 +243,7 @@ class ServingState:
             for tenant in tenants:
                 await self._bind(tenant, new[tenant.id])
         except Exception as exc:
-            self.store.restore(snapshot, files)
+            self.store.restore(checkpoint)
             for tenant in tenants:
                 if tenant.id in self.bindings:
                     try:  # best effort: a worker that failed the new bind may still hold the old mask

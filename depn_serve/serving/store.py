@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -99,15 +100,22 @@ class MaskStore:
         self.index.bindings[tenant] = list(mask_ids)
         self._write_index()
 
-    def snapshot(self) -> StoreIndex:
-        return self.index.model_copy(deep=True)
+    def checkpoint(self, mask_id: str) -> Checkpoint:
+        """What `restore` needs to undo a change to `mask_id` and the bindings."""
+        path = self.path(mask_id)
+        return Checkpoint(self.index.model_copy(deep=True), mask_id, path.read_bytes() if path.exists() else None)
 
-    def restore(self, snapshot: StoreIndex, files: dict[str, bytes | None]) -> None:
-        """Undo a change: put back the index and the given files (None = the file did not exist)."""
-        for mask_id, data in files.items():
-            if data is None:
-                self.path(mask_id).unlink(missing_ok=True)
-            else:
-                atomic_write_bytes(self.path(mask_id), data)
-        self.index = snapshot
+    def restore(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.file is None:
+            self.path(checkpoint.mask_id).unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(self.path(checkpoint.mask_id), checkpoint.file)
+        self.index = checkpoint.index
         self._write_index()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    index: StoreIndex
+    mask_id: str
+    file: bytes | None  # None: there was no such mask file

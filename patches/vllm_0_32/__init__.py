@@ -17,11 +17,8 @@ def install() -> None:
         return
     from . import engine, worker
 
-    def num_slots_of(vllm_config) -> int | None:
-        return (vllm_config.additional_config or {}).get("depn", {}).get("max_mask_slots")
-
-    worker.install(num_slots_of)
-    engine.install(num_slots_of)
+    worker.install()
+    engine.install()
     _installed = True
 
 

@@ -3,6 +3,7 @@ and a prefix-cache salt keyed by tenant and mask version."""
 
 from __future__ import annotations
 
+from depn_serve_patches import max_mask_slots
 from vllm.config.scheduler import SchedulerConfig
 from vllm.v1.engine.core import EngineCore
 
@@ -24,7 +25,7 @@ class MaskBudget:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.depn_slots = _num_slots(self.vllm_config)
+        self.depn_slots = max_mask_slots(self.vllm_config)
 
     def schedule(self, *args, **kwargs):
         held = self._hold_excess_tenants() if self.depn_slots is not None else []
@@ -37,6 +38,8 @@ class MaskBudget:
     def _hold_excess_tenants(self) -> list:
         tenants = {_tenant(r) for r in self.running} | {_tenant(r) for r in self.kv_holding_waiting}
         tenants.discard(None)
+        if len(tenants) + len(self.waiting) <= self.depn_slots:
+            return []  # every waiting request fits, whatever its tenant: skip the scan
         held = []
         for request in self.waiting:
             tenant = _tenant(request)
@@ -52,14 +55,11 @@ class MaskBudget:
 
 
 _BUDGETED: dict[type, type] = {}
-_num_slots = None  # set by install
 
 
-def install(num_slots_of) -> None:
+def install() -> None:
     """Give the scheduler a mask budget, and salt every request's prefix-cache key with its tenant and mask version
-    before its blocks are hashed. `num_slots_of(vllm_config)` -> slots, or None where depn is off."""
-    global _num_slots
-    _num_slots = num_slots_of
+    before its blocks are hashed."""
     get_scheduler_cls = SchedulerConfig.get_scheduler_cls
     preprocess = EngineCore.preprocess_add_request
 

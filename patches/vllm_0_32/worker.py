@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from depn_serve_patches import max_mask_slots
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import RowParallelLinear, UnquantizedLinearMethod
 from vllm.model_executor.models.utils import PPMissingLayer
@@ -107,14 +108,14 @@ def _masked_class(cls: type) -> type:
     return _MASKED[cls]
 
 
-def install(num_slots_of) -> None:
-    """Patch the V1 worker and model runner. `num_slots_of(vllm_config)` -> slots, or None where depn is off."""
+def install() -> None:
+    """Patch the V1 worker and model runner (inert in engines started without masks)."""
     load_model = Worker.load_model
     prepare_inputs = GPUModelRunner._prepare_inputs
 
     def patched_load_model(self, *args, **kwargs):
         load_model(self, *args, **kwargs)
-        num_slots = num_slots_of(self.vllm_config)
+        num_slots = max_mask_slots(self.vllm_config)
         if num_slots is None:
             return
         if not isinstance(self.model_runner, GPUModelRunner):
