@@ -89,6 +89,14 @@ def tally_file(scores_path: Path, tenant: str, threshold: float = DEFAULT_THRESH
     return tally_votes((t for _, t in scores.iter_scores(record_ids)), threshold), scores
 
 
+def check_scores_model(scores: ScoresFile, model_dir: Path) -> None:
+    """Refuse a model other than the one the scores were computed on."""
+    from depn_serve.fingerprint import model_fingerprint
+
+    if model_fingerprint(model_dir) != scores.manifest.model_fingerprint:
+        raise ValueError(f"{model_dir}: not the model {scores.path} was computed on (fingerprints differ)")
+
+
 def mask_from(scores: ScoresFile, tenant: str, off: torch.Tensor, records: int, method: str,
               aggregator: dict) -> NeuronMask:
     m = scores.manifest

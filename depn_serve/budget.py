@@ -48,7 +48,7 @@ class BudgetReport(BaseModel):
     tenant: str
     settings: BudgetSettings
     neurons: int = Field(description="size of the chosen mask")
-    candidates: int = Field(description="neurons with at least one vote (the longest prefix the search can use)")
+    candidates: int = Field(description="length of the order searched (vote: neurons with a vote; fit: every neuron)")
     ppl_before: float
     ppl_after: float
     ppl_change_pct: float

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from depn_serve.bench.cli import bench
+from depn_serve.study.cli import study
 
 # Logs and pipes get a wide console so the before/after table is not wrapped.
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -78,11 +79,13 @@ def testbed() -> None:
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--profile", type=click.Choice(["ci", "default"]), default="ci", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def testbed_build(out: Path, profile: str, seed: int) -> None:
+@click.option("--checkpoints", default=0, show_default=True,
+              help="also save N-1 evenly spaced training checkpoints under OUT/checkpoints/ (for `depn study training`)")
+def testbed_build(out: Path, profile: str, seed: int, checkpoints: int) -> None:
     """Build a small Llama that has memorized private records injected into synthetic e-mail."""
     from depn_serve.testbed import build_testbed
 
-    info = build_testbed(out, profile, seed, progress=True)
+    info = build_testbed(out, profile, seed, progress=True, checkpoints=checkpoints)
     console.print_json(info.model_dump_json())
 
 
@@ -120,34 +123,47 @@ def detect(model_dir, records_path, tenant, steps, layers, batch_rows, device, o
 @main.command()
 @click.argument("scores", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--tenant", required=True)
+@click.option("--method", type=click.Choice(["fit", "vote"]), default="fit", show_default=True,
+              help="fit: gates fitted to forget this tenant's secrets and keep other tenants' records and ordinary "
+                   "text (needs --model, --records, --keep-text); vote: DEPN's top-z by votes (needs only SCORES)")
 @click.option("--threshold", type=float, default=None,
               help="vote if score >= threshold x the record's maximum (default: 0.1, DEPN's)")
-@click.option("--top-z", "top_z", type=int, default=None, help="mask size (default: 1% of MLP neurons)")
+@click.option("--top-z", "top_z", type=int, default=None,
+              help="mask size (default: vote 1% of MLP neurons; fit the neurons whose gate ended below 0.5)")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="fit / budgeted mode: the model the scores came from")
+@click.option("--records", "records_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="fit / budgeted mode: the records file (fit: every tenant's, the others' are kept)")
+@click.option("--keep-text", "keep_text_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="fit: ordinary text the mask must not change, e-mails separated by blank lines (e.g. train.txt)")
+@click.option("--fit-steps", default=200, show_default=True, help="fit: optimizer steps")
 @click.option("--target-exposure", type=float, default=None,
               help="budgeted mode: the fewest neurons that bring every record's exposure below this (bits)")
 @click.option("--ppl-budget", type=float, default=None, help="budgeted mode: allowed perplexity increase, percent")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="budgeted mode: the model the scores came from")
-@click.option("--records", "records_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="budgeted mode: the records file")
 @click.option("--valid", "valid_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="budgeted mode: validation text (blank-line separated)")
 @click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="budgeted mode: write the search report (JSON) here")
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
-def aggregate(scores, tenant, threshold, top_z, target_exposure, ppl_budget, model_dir, records_path, valid_path,
-              report_path, out) -> None:
-    """Let a tenant's records vote; keep the top-z neurons, or (budgeted) the fewest that stop the leaks."""
+def aggregate(scores, tenant, method, threshold, top_z, model_dir, records_path, keep_text_path, fit_steps,
+              target_exposure, ppl_budget, valid_path, report_path, out) -> None:
+    """Turn a tenant's scores into its mask: fitted (default), top-z by votes, or (budgeted) the fewest neurons of
+    either order that stop the leaks within a perplexity budget."""
     from depn_serve.aggregation import DEFAULT_THRESHOLD, aggregate_file
 
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
-    budgeted = (target_exposure, ppl_budget, model_dir, records_path, valid_path)
+    budgeted = (target_exposure, ppl_budget, valid_path)
+    if method == "fit" and (model_dir is None or records_path is None or keep_text_path is None):
+        _fail(ValueError("--method fit (the default) needs --model, --records and --keep-text; "
+                         "--method vote needs only SCORES"))
     if any(v is not None for v in budgeted):
-        if any(v is None for v in budgeted) or top_z is not None:
+        if any(v is None for v in budgeted) or model_dir is None or records_path is None or top_z is not None:
             _fail(ValueError("budgeted mode needs --target-exposure, --ppl-budget, --model, --records and --valid "
                              "(and no --top-z)"))
-        mask = _budgeted(scores, tenant, threshold, target_exposure, ppl_budget, model_dir, records_path,
-                         valid_path, report_path)
+        mask = _budgeted(scores, tenant, method, threshold, fit_steps, target_exposure, ppl_budget, model_dir,
+                         records_path, keep_text_path, valid_path, report_path)
+    elif method == "fit":
+        mask = _fitted(scores, tenant, model_dir, records_path, keep_text_path, fit_steps, top_z)[0]
     else:
         try:
             mask = aggregate_file(scores, tenant, threshold, top_z)
@@ -155,31 +171,57 @@ def aggregate(scores, tenant, threshold, top_z, target_exposure, ppl_budget, mod
             _fail(exc)
     mask.save(out)
     m = mask.manifest
-    console.print(f"mask for tenant {tenant!r}: {m.neuron_count} neurons from {m.provenance.records} records -> {out}")
+    console.print(f"mask for tenant {tenant!r} ({m.provenance.method}): {m.neuron_count} neurons from "
+                  f"{m.provenance.records} records -> {out}")
 
 
-def _budgeted(scores, tenant, threshold, target_exposure, ppl_budget, model_dir, records_path, valid_path,
-              report_path):
+def _fitted(scores, tenant, model_dir, records_path, keep_text_path, steps, top_z):
     from pydantic import ValidationError
 
-    from depn_serve.aggregation import mask_from, tally_file, vote_order
+    from depn_serve.fitting import FitSettings, fit_file
+
+    try:
+        settings = FitSettings(steps=steps)
+        with _progress("fitting gates") as (start, advance):
+            start(steps)
+            result = fit_file(scores, tenant, model_dir, records_path, keep_text_path, settings, top_z,
+                              on_step=lambda _point: advance())
+    except (ValidationError, ValueError) as exc:
+        _fail(exc)
+    fit = result[2]
+    last = fit.trace[-1]
+    console.print(f"fitted {fit.records} records against {fit.keep_records} kept records and "
+                  f"{fit.keep_windows_pool} text windows in {fit.seconds:.0f} s: forget {last.forget:.3f}, "
+                  f"KL records {last.keep_records:.4f}, KL text {last.keep_text:.4f}, {last.off} gates below 0.5")
+    return result
+
+
+def _budgeted(scores, tenant, method, threshold, fit_steps, target_exposure, ppl_budget, model_dir, records_path,
+              keep_text_path, valid_path, report_path):
+    from pydantic import ValidationError
+
+    from depn_serve.aggregation import check_scores_model, mask_from, tally_file, vote_order
     from depn_serve.arch import load_model
     from depn_serve.budget import BudgetSettings, budgeted_selection
     from depn_serve.fileio import atomic_write_text
-    from depn_serve.fingerprint import model_fingerprint
     from depn_serve.records import load_records
     from depn_serve.testbed.corpus import read_valid_texts
 
     try:
         budget = BudgetSettings(target_exposure=target_exposure, ppl_budget=ppl_budget)
         tally, scores_file = tally_file(scores, tenant, threshold)
-        if model_fingerprint(model_dir) != scores_file.manifest.model_fingerprint:
-            raise ValueError(f"{model_dir}: not the model {scores} was computed on (fingerprints differ)")
+        check_scores_model(scores_file, model_dir)
         records = load_records(records_path, tenant)
         if not records:
             raise ValueError(f"{records_path}: no records of tenant {tenant!r}")
     except (ValidationError, ValueError) as exc:
         _fail(exc)
+    if method == "fit":
+        order = _fitted(scores, tenant, model_dir, records_path, keep_text_path, fit_steps, None)[1]
+        aggregator = {"steps": fit_steps}
+    else:
+        order = vote_order(tally)
+        aggregator = {"threshold": threshold}
     model, tokenizer = load_model(model_dir)
     shape = (scores_file.manifest.num_layers, scores_file.manifest.intermediate_size)
 
@@ -187,15 +229,15 @@ def _budgeted(scores, tenant, threshold, target_exposure, ppl_budget, model_dir,
         console.print(f"  {point.neurons:6d} neurons: perplexity {point.perplexity:.2f}"
                       f"{'' if point.within_budget else ' (over budget)'}, {point.protected}/{len(records)} protected")
 
-    off, report = budgeted_selection(model, tokenizer, records, read_valid_texts(valid_path), vote_order(tally),
-                                     shape, budget, on_point=show)
+    off, report = budgeted_selection(model, tokenizer, records, read_valid_texts(valid_path), order, shape, budget,
+                                     on_point=show)
     if report_path:
         atomic_write_text(report_path, report.model_dump_json(indent=2))
     verdict = "all protected" if report.all_protected else f"still leaking: {', '.join(report.unprotected)}"
-    console.print(f"{report.neurons} of {report.candidates} voted neurons; perplexity {report.ppl_before:.2f} -> "
+    console.print(f"{report.neurons} of {report.candidates} candidate neurons; perplexity {report.ppl_before:.2f} -> "
                   f"{report.ppl_after:.2f} ({report.ppl_change_pct:+.1f} %); {verdict}; {report.seconds:.0f} s")
-    return mask_from(scores_file, tenant, off, tally.records, "depn-vote-budgeted",
-                     {"threshold": threshold, "target_exposure": target_exposure, "ppl_budget": ppl_budget,
+    return mask_from(scores_file, tenant, off, tally.records, f"depn-{method}-budgeted",
+                     {**aggregator, "target_exposure": target_exposure, "ppl_budget": ppl_budget,
                       "neurons": report.neurons, "all_protected": report.all_protected})
 
 
@@ -386,8 +428,11 @@ def eval_cmd(model_dir, records_path, valid_path, mask_path, random_baseline, ex
 @click.option("--profile", type=click.Choice(["ci", "default"]), default="ci", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tenant", default=None, help="tenant to protect (default: the first one)")
-@click.option("--top-z", "top_z", type=int, default=None, help="mask size (default: 1% of MLP neurons)")
-def demo(workdir: Path, profile: str, seed: int, tenant: str | None, top_z: int | None) -> None:
+@click.option("--method", type=click.Choice(["fit", "vote"]), default="fit", show_default=True,
+              help="how to choose the neurons (see `depn aggregate --help`)")
+@click.option("--top-z", "top_z", type=int, default=None,
+              help="mask size (default: vote 1% of MLP neurons; fit its own)")
+def demo(workdir: Path, profile: str, seed: int, tenant: str | None, method: str, top_z: int | None) -> None:
     """The whole story: test-bed -> detect -> aggregate -> evaluate -> serve two tenants side by side."""
     import time
 
@@ -422,7 +467,11 @@ def demo(workdir: Path, profile: str, seed: int, tenant: str | None, top_z: int 
     console.print(f"    {per_record:.2f} s per record -> {scores_path}")
 
     mask_path = workdir / f"mask-{tenant}.safetensors"
-    mask = aggregate_file(scores_path, tenant, z=top_z)
+    if method == "fit":
+        console.print("    fitting gates: forget this tenant's secrets, keep the other tenants' records and the mail")
+        mask = _fitted(scores_path, tenant, model_dir, records_path, bed / "train.txt", 200, top_z)[0]
+    else:
+        mask = aggregate_file(scores_path, tenant, z=top_z)
     mask.save(mask_path)
     plot_mask_layers(mask, workdir / f"mask-{tenant}-layers.png")
     console.print(f"[bold]3/5[/] mask: {mask.manifest.neuron_count} neurons, per layer "
@@ -445,6 +494,21 @@ def demo(workdir: Path, profile: str, seed: int, tenant: str | None, top_z: int 
 
 # --- benchmarks --------------------------------------------------------------------------------------------------
 main.add_command(bench)
+main.add_command(study)
+
+
+@main.command()
+@click.argument("results_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="HTML file to write")
+def report(results_dir: Path, out: Path) -> None:
+    """Put every `depn study` result in RESULTS_DIR on one self-contained HTML page."""
+    from depn_serve.study.report import write_report
+
+    try:
+        count = write_report(results_dir, out)
+    except ValueError as exc:
+        _fail(exc)
+    console.print(f"{count} studies -> {out}")
 
 
 # --- tenants -----------------------------------------------------------------------------------------------------

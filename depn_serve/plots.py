@@ -15,7 +15,7 @@ from depn_serve.fileio import atomic_write_bytes  # noqa: E402
 from depn_serve.masks import NeuronMask  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -34,7 +34,7 @@ def plot_mask_layers(mask: NeuronMask, path: Path) -> None:
     share = ax.secondary_yaxis("right", functions=(lambda n: 100 * n / m.intermediate_size,
                                                    lambda p: p * m.intermediate_size / 100))
     share.set_ylabel("% of layer")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_exposure(report: EvalReport, path: Path) -> None:
@@ -56,4 +56,4 @@ def plot_exposure(report: EvalReport, path: Path) -> None:
         ax.set_ylabel(f"exposure after: {state.name} (bits)")
         ax.set_title(f"{state.name}: {state.neurons} neurons, PPL {state.valid_ppl:.2f}")
         ax.legend(loc="upper left", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)

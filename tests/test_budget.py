@@ -58,6 +58,7 @@ def test_budgeted_mode_needs_all_its_options(tmp_path):
 
     scores = tmp_path / "scores.safetensors"
     scores.write_bytes(b"x")
-    result = CliRunner().invoke(main, ["aggregate", str(scores), "--tenant", "acme", "--target-exposure", "20",
+    result = CliRunner().invoke(main, ["aggregate", str(scores), "--tenant", "acme", "--method", "vote",
+                                       "--target-exposure", "20",
                                        "--out", str(tmp_path / "m.safetensors")])
     assert result.exit_code != 0 and "budgeted mode needs" in result.output

@@ -21,7 +21,7 @@ def test_detect_aggregate_inspect_eval(tmp_path, tiny_model_dir, tiny_records_fi
     assert "scored 2 records" in res.output
 
     mask_path = tmp_path / "mask.safetensors"
-    res = _run("aggregate", scores, "--tenant", "acme", "--top-z", "7", "--out", mask_path)
+    res = _run("aggregate", scores, "--tenant", "acme", "--method", "vote", "--top-z", "7", "--out", mask_path)
     assert res.exit_code == 0, res.output
     mask = NeuronMask.load(mask_path)
     assert mask.manifest.neuron_count == 7 and mask.manifest.neurons_per_layer[0] == 0  # layer 0 not attributed
@@ -44,6 +44,23 @@ def test_detect_aggregate_inspect_eval(tmp_path, tiny_model_dir, tiny_records_fi
     assert [s["name"] for s in report["states"]] == ["before", "after", "random"]
     assert report["target_tenant"] == "acme" and report["states"][2]["neurons"] == 7
     assert "validation perplexity" in res.output
+
+
+def test_aggregate_fit(tmp_path, tiny_model_dir, tiny_records_file):
+    """The default method end to end: a fitted mask whose provenance says how it was made."""
+    scores = tmp_path / "scores.safetensors"
+    assert _run("detect", "--model", tiny_model_dir, "--records", tiny_records_file, "--steps", "2",
+                "--out", scores).exit_code == 0
+    keep = tmp_path / "mail.txt"
+    keep.write_text("Hello team, the meeting is moved to Monday.\n\nRegards, Bob\n")
+    mask_path = tmp_path / "fit.safetensors"
+    res = _run("aggregate", scores, "--tenant", "acme", "--model", tiny_model_dir, "--records", tiny_records_file,
+               "--keep-text", keep, "--fit-steps", "3", "--top-z", "5", "--out", mask_path)
+    assert res.exit_code == 0, res.output
+    mask = NeuronMask.load(mask_path)
+    assert mask.manifest.neuron_count == 5 and mask.manifest.provenance.method == "depn-fit"
+    assert mask.manifest.provenance.aggregator["steps"] == 3 and mask.manifest.provenance.aggregator["keep_records"] == 2
+    assert "fitted 2 records against 2 kept records" in res.output
 
 
 def test_errors_are_clear(tmp_path, tiny_model_dir, tiny_records_file):

@@ -44,8 +44,9 @@ class EvalSettings(BaseModel):
 @torch.no_grad()
 def record_results(
     model, tokenizer, records: Sequence[PrivateRecord], settings: EvalSettings,
-    progress: Callable[[], None] | None = None,
+    progress: Callable[[], None] | None = None, robust_ids: set[str] | None = None,
 ) -> list[RecordResult]:
+    """Metrics per record; with `settings.robustness`, the robustness metrics for `robust_ids` (default: all)."""
     device = next(model.parameters()).device
     encoded = [encode_record(tokenizer, r) for r in records]
     longest = max(len(s) for _, s in encoded)
@@ -72,7 +73,7 @@ def record_results(
                 samples=settings.exposure_samples, max_frontier=settings.exposure_max_frontier, seed_key=record.id,
             )
             result.exposure, result.exposure_method, result.exposure_rank = exp.exposure, exp.method, exp.rank
-        if settings.robustness:
+        if settings.robustness and (robust_ids is None or record.id in robust_ids):
             _robustness(model, tokenizer, record, result, digits, settings)
         results.append(result)
         if progress:

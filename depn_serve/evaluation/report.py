@@ -75,10 +75,12 @@ def summarize(results: Sequence[RecordResult]) -> GroupSummary:
 def evaluate_state(
     model, tokenizer, name: str, off: torch.Tensor | None, records: Sequence[PrivateRecord],
     valid_texts: Sequence[str], settings: EvalSettings, target_tenant: str | None = None, progress=None,
+    robust_ids: set[str] | None = None,
 ) -> StateResult:
-    """All metrics for the model with the neurons in `off` switched off (None: the plain model)."""
+    """All metrics for the model with the neurons in `off` switched off (None: the plain model); robustness
+    metrics (when on) for `robust_ids` only, if given."""
     with masked(model, off) if off is not None else nullcontext():
-        results = record_results(model, tokenizer, records, settings, progress)
+        results = record_results(model, tokenizer, records, settings, progress, robust_ids)
         ppl = perplexity(model, tokenizer, valid_texts, settings.ppl_max_len, settings.batch_size)
     groups = {t: summarize([r for r in results if r.tenant == t]) for t in sorted({r.tenant for r in results})}
     if target_tenant is not None:

@@ -1,10 +1,12 @@
 """Build the test-bed: corpus -> tokenizer -> trained Llama -> memorization report, all under one output folder.
 
-Layout of `out`: model/ (HF model and tokenizer), records.jsonl, train.txt, valid.txt, testbed.json.
+Layout of `out`: model/ (HF model and tokenizer), records.jsonl, train.txt, valid.txt, testbed.json, and with
+`checkpoints` > 0 checkpoints/step-NNNNN/ (model and tokenizer at evenly spaced training steps, for studies).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
@@ -72,10 +74,23 @@ class TestbedInfo(_Frozen):
     memorization: Memorization
 
 
-def build_testbed(out: Path, profile: ProfileName, seed: int, progress: bool = True) -> TestbedInfo:
-    """Build a small Llama that memorized the private records of a synthetic e-mail corpus (CPU, deterministic)."""
+def build_testbed(
+    out: Path,
+    profile: ProfileName,
+    seed: int,
+    progress: bool = True,
+    checkpoints: int = 0,
+    model_size: dict[str, int] | None = None,
+) -> TestbedInfo:
+    """Build a small Llama that memorized the private records of a synthetic e-mail corpus (CPU, deterministic).
+
+    `checkpoints` saves that many intermediate models (the last one is the final model itself); `model_size`
+    overrides the profile's hidden / layers / intermediate / heads, same corpus and training budget.
+    """
     start = time.monotonic()
     spec = profile_spec(profile)
+    if model_size:
+        spec = dataclasses.replace(spec, **model_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = generate_corpus(seed, spec)
@@ -95,7 +110,13 @@ def build_testbed(out: Path, profile: ProfileName, seed: int, progress: bool = T
     try:
         torch.manual_seed(seed)
         model = make_model(spec, len(tokenizer), tokenizer.bos_token_id, eos, tokenizer.pad_token_id)
-        result = train(model, train_docs, spec, seed, progress)
+        steps = frozenset(round(k * spec.steps / checkpoints) for k in range(1, checkpoints))
+
+        def save(step: int) -> None:
+            model.save_pretrained(out / "checkpoints" / f"step-{step:05d}")
+            tokenizer.save_pretrained(out / "checkpoints" / f"step-{step:05d}")
+
+        result = train(model, train_docs, spec, seed, progress, save, steps)
         valid_ppl = perplexity(model, tokenizer, corpus.valid_emails)
         memorization = _memorization(model, tokenizer, corpus.records)
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +66,15 @@ def lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
 
 
 def train(
-    model: LlamaForCausalLM, docs: Sequence[Sequence[int]], spec: ProfileSpec, seed: int, progress: bool
+    model: LlamaForCausalLM,
+    docs: Sequence[Sequence[int]],
+    spec: ProfileSpec,
+    seed: int,
+    progress: bool,
+    checkpoint: Callable[[int], None] | None = None,
+    checkpoint_steps: frozenset[int] = frozenset(),
 ) -> TrainResult:
+    """Train in place; `checkpoint(step)` runs after each step in `checkpoint_steps` (it must not touch the RNG)."""
     torch.manual_seed(seed)
     blocks = packed_blocks(docs, spec.block_size, random.Random(seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -82,7 +89,7 @@ def train(
         TimeElapsedColumn(), disable=not progress,
     ) as bar:
         task = bar.add_task("train", total=spec.steps, loss=float("nan"))
-        for _ in range(spec.steps):
+        for step in range(1, spec.steps + 1):
             batch = torch.tensor([next(blocks) for _ in range(spec.batch_size)], dtype=torch.long)
             loss = model(input_ids=batch, labels=batch).loss
             optimizer.zero_grad(set_to_none=True)
@@ -92,6 +99,10 @@ def train(
             scheduler.step()
             losses.append(loss.item())
             bar.update(task, advance=1, loss=loss.item())
+            if checkpoint is not None and step in checkpoint_steps:
+                model.eval()
+                checkpoint(step)
+                model.train()
     model.eval()
     tail = losses[-20:]
     return TrainResult(steps=spec.steps, seconds=time.monotonic() - start, final_loss=sum(tail) / len(tail))
