@@ -10,6 +10,7 @@ from depn_serve.cli import main
 from depn_serve.detection.baseline import activation_x_gradient
 from depn_serve.editing import masked
 from depn_serve.evaluation.generation import greedy_extraction
+from depn_serve.evaluation.metrics import perplexity
 from depn_serve.fitting import FitSettings, fit_gates, fit_selection, gate_order, keep_texts_for
 from depn_serve.records import encode_record, load_records
 from depn_serve.testbed.corpus import read_valid_texts
@@ -101,10 +102,12 @@ def test_fitted_mask_is_specific_on_the_ci_testbed(ci_testbed, ci_mask):
     def rate(rs):
         return sum(greedy_extraction(model, tokenizer, rs)) / len(rs)
 
-    before_t, before_o = rate(targets), rate(others)
+    valid = read_valid_texts(ci_testbed / "valid.txt")  # never seen by the fit
+    before_t, before_o, before_ppl = rate(targets), rate(others), perplexity(model, tokenizer, valid)
     with masked(model, off):
-        after_t, after_o = rate(targets), rate(others)
+        after_t, after_o, after_ppl = rate(targets), rate(others), perplexity(model, tokenizer, valid)
     print(f"fit: {int(off.sum())} neurons in {result.seconds:.0f} s; {tenant} {before_t:.2f} -> {after_t:.2f}, "
-          f"others {before_o:.2f} -> {after_o:.2f}")
+          f"others {before_o:.2f} -> {after_o:.2f}, perplexity {before_ppl:.2f} -> {after_ppl:.2f}")
     assert after_t <= before_t / 2
     assert before_o - after_o <= 0.15  # the vote mask costs the other tenant 0.50 here
+    assert after_ppl <= before_ppl * 1.02

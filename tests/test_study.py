@@ -9,7 +9,6 @@ from click.testing import CliRunner
 from depn_serve.cli import main
 from depn_serve.study.common import StudyResult, StudyTable, write_study
 from depn_serve.study.figures import plot_batch_size
-from depn_serve.study.report import write_report
 from depn_serve.study.scaling import parse_size
 from depn_serve.testbed import train_tokenizer
 from depn_serve.testbed.profiles import ProfileSpec

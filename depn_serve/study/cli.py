@@ -122,7 +122,7 @@ def neurons_cmd(bed: Path, methods: str, out_dir: Path) -> None:
 @study.command("model-size")
 @click.option("--profile", type=click.Choice(["ci", "default"]), default="ci", show_default=True,
               help="corpus and training budget shared by every size")
-@click.option("--sizes", default="128x2x512,256x4x1024,384x6x1536", show_default=True,
+@click.option("--sizes", default="128x2x512,192x3x768,256x4x1024", show_default=True,
               help="HIDDENxLAYERSxINTERMEDIATE, comma-separated; each is built under OUT/beds/ once")
 @click.option("--seed", default=0, show_default=True)
 @_METHOD

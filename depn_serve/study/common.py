@@ -33,11 +33,11 @@ METHODS: dict[str, str] = {
     "random": "neurons drawn uniformly over all layers",
 }
 
-# Exposure under the training prompt and the held-out paraphrases (fewer candidates than `depn eval`: the skew-normal
-# fit is only used where the exact rank search gives up); sampling is left to `depn eval --robustness`.
-# Exposure under the training prompt only, for studies that evaluate many models or masks.
-FAST_EVAL = EvalSettings(exposure_samples=200, exposure_max_frontier=2048)
-STUDY_EVAL = EvalSettings(exposure_samples=200, exposure_max_frontier=2048, robustness=True, sample_temperatures=())
+# Studies evaluate many masks, so they measure exposure more cheaply than `depn eval` (1,000 candidates, frontier
+# 4,096): the exact rank up to 256 surviving prefixes, else the skew-normal fit to 200 candidates. FAST_EVAL: the
+# training prompt only; STUDY_EVAL: also the held-out paraphrases (sampling is left to `depn eval --robustness`).
+FAST_EVAL = EvalSettings(exposure_samples=200, exposure_max_frontier=256)
+STUDY_EVAL = EvalSettings(exposure_samples=200, exposure_max_frontier=256, robustness=True, sample_temperatures=())
 
 
 class StudyTable(BaseModel):

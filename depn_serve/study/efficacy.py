@@ -42,7 +42,8 @@ def methods_study(bed: Bed, tenant: str, out_dir: Path, methods: list[str] | Non
     rows, data = [], []
     for method, z in runs:
         chosen = fitted if method == "fit" else cached_selection(bed, method, targets, out_dir, z)
-        label = method if z is None or method == "fit" else f"{method} (= fit's size)"
+        # vote's order holds only neurons with a vote, so "the fit's size" may be more than it has
+        label = method if z is None or method == "fit" else f"{method} ({'<= ' if method == 'vote' else ''}fit's size)"
         after = cached_evaluation(bed, label, chosen.off, tenant, out_dir)
         target, others = group_change(before, after, target_ids), group_change(before, after, other_ids)
         ppl = ppl_change(before, after)

@@ -100,7 +100,8 @@ def plot_model_size(sizes: list[dict], path: Path) -> None:
 
 
 def plot_training(checkpoints: list[dict], tenant: str, path: Path) -> None:
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig.subplots_adjust(wspace=0.5)  # room for the left plot's second axis
     steps = [c["step"] for c in checkpoints]
     ax.plot(steps, [c["exposure"] for c in checkpoints], "o-", color=TARGET, label=f"{tenant} exposure (bits)")
     ax.set_xlabel("training step")

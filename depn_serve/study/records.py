@@ -13,7 +13,7 @@ from depn_serve.editing import masked
 from depn_serve.evaluation.exposure import digit_token_ids, exposure
 from depn_serve.records import DIGIT_KINDS, PrivateRecord, encode_record
 from depn_serve.study.cache import cached_evaluation, cached_selection
-from depn_serve.study.common import Bed, StudyResult, StudyTable, pct
+from depn_serve.study.common import STUDY_EVAL, Bed, StudyResult, StudyTable, pct
 from depn_serve.study.figures import plot_frequency, plot_prompts
 from depn_serve.testbed.corpus import HELD_OUT_CARRIERS, MAX_REPEATS, TRAIN_CARRIERS
 
@@ -27,7 +27,7 @@ def _carrier(record: PrivateRecord) -> str:
     return record.prompt
 
 
-def prompts_study(bed: Bed, tenant: str, out_dir: Path, method: str = "fit", samples: int = 1000) -> StudyResult:
+def prompts_study(bed: Bed, tenant: str, out_dir: Path, method: str = "fit") -> StudyResult:
     """Exposure before/after for each carrier sentence: the training carriers and the held-out paraphrases."""
     started = time.perf_counter()
     targets = [r for r in bed.records if r.tenant == tenant and r.kind in DIGIT_KINDS]
@@ -43,7 +43,8 @@ def prompts_study(bed: Bed, tenant: str, out_dir: Path, method: str = "fit", sam
             row = []
             for index, prompt in enumerate([record.prompt, *record.paraphrases]):
                 prompt_ids, secret_ids = encode_record(bed.tokenizer, record, prompt)
-                row.append(exposure(bed.model, prompt_ids, secret_ids, digits, samples=samples,
+                row.append(exposure(bed.model, prompt_ids, secret_ids, digits, samples=STUDY_EVAL.exposure_samples,
+                                    max_frontier=STUDY_EVAL.exposure_max_frontier,
                                     seed_key=f"{record.id}:{index}").exposure)
             out.append(row)
         return out
@@ -79,7 +80,8 @@ def prompts_study(bed: Bed, tenant: str, out_dir: Path, method: str = "fit", sam
         study="prompts", title="Exposure per carrier sentence",
         question="Does the edit hold when the secret is asked for in words the model was not trained on?",
         testbed=str(bed.path),
-        settings={"tenant": tenant, "method": method, "neurons": int(chosen.off.sum()), "exposure_samples": samples},
+        settings={"tenant": tenant, "method": method, "neurons": int(chosen.off.sum()),
+                  "exposure": STUDY_EVAL.model_dump(include={"exposure_samples", "exposure_max_frontier"})},
         tables=[StudyTable(title=f"{tenant}'s digit records (phone, ID number), mean exposure in bits",
                            columns=["kind", "carrier", "prompt", "records", "before", "after", "change %"],
                            rows=rows)],

@@ -59,7 +59,7 @@ def model_size_study(sizes: list[str], profile: str, seed: int, out_dir: Path, m
         question="Do larger models memorize more, and do they need more (or fewer) neurons switched off?",
         testbed=f"profile {profile}, seed {seed}, sizes {', '.join(sizes)}",
         settings={"profile": profile, "seed": seed, "sizes": sizes, "method": method,
-                  "exposure_samples": FAST_EVAL.exposure_samples},
+                  "exposure": FAST_EVAL.model_dump(include={"exposure_samples", "exposure_max_frontier"})},
         tables=[StudyTable(title="first tenant's edit at each size (exposure of digit secrets, bits)",
                            columns=["size (hidden x layers x intermediate)", "params", "memorized (greedy)",
                                     "exposure before", "after", "change %", "others' change %", "neurons",
