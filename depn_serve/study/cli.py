@@ -82,30 +82,35 @@ def batch_size_cmd(bed: Path, sizes: str, method: str, out_dir: Path) -> None:
     _finish(batch_size_study(_load(bed), counts, out_dir, method), out_dir)
 
 
-@study.command("prompts")
-@_BED
-@_TENANT
-@_METHOD
-@_OUT
-def prompts_cmd(bed: Path, tenant: str | None, method: str, out_dir: Path) -> None:
-    """Exposure before/after per carrier sentence, training and held-out."""
+def _per_tenant(name: str, doc: str, run) -> None:
+    """A study of one tenant's edit on a test-bed: same options, same handling."""
+
+    @_BED
+    @_TENANT
+    @_METHOD
+    @_OUT
+    def command(bed: Path, tenant: str | None, method: str, out_dir: Path) -> None:
+        loaded = _load(bed)
+        _finish(run()(loaded, _tenant(loaded, tenant), out_dir, method), out_dir)
+
+    command.__doc__ = doc
+    study.command(name)(command)
+
+
+def _prompts():
     from depn_serve.study.records import prompts_study
 
-    loaded = _load(bed)
-    _finish(prompts_study(loaded, _tenant(loaded, tenant), out_dir, method), out_dir)
+    return prompts_study
 
 
-@study.command("frequency")
-@_BED
-@_TENANT
-@_METHOD
-@_OUT
-def frequency_cmd(bed: Path, tenant: str | None, method: str, out_dir: Path) -> None:
-    """Records seen rarely vs often in training, before and after."""
+def _frequency():
     from depn_serve.study.records import frequency_study
 
-    loaded = _load(bed)
-    _finish(frequency_study(loaded, _tenant(loaded, tenant), out_dir, method), out_dir)
+    return frequency_study
+
+
+_per_tenant("prompts", "Exposure before/after per carrier sentence, training and held-out.", _prompts)
+_per_tenant("frequency", "Records seen rarely vs often in training, before and after.", _frequency)
 
 
 @study.command("neurons")

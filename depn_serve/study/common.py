@@ -12,7 +12,7 @@ from statistics import fmean
 import torch
 from pydantic import BaseModel, Field
 
-from depn_serve.aggregation import default_top_z, random_selection, tally_votes, top_z
+from depn_serve.aggregation import DEFAULT_THRESHOLD, default_top_z, random_selection, tally_votes, top_z
 from depn_serve.arch import load_model, mlp_shape
 from depn_serve.detection import ScoresFile, detect_to_file
 from depn_serve.detection.baseline import activation_x_gradient
@@ -144,7 +144,7 @@ def select(
         info = {"final": result.trace[-1].model_dump(), "keep_windows": result.keep_windows_pool}
     elif method == "vote":
         scores = bed.scores(cache_dir)
-        tally = tally_votes((t for _, t in scores.iter_scores([r.id for r in targets])), 0.1)
+        tally = tally_votes((t for _, t in scores.iter_scores([r.id for r in targets])), DEFAULT_THRESHOLD)
         off = top_z(tally, z or default_z)
     elif method == "contrast":
         off = _top(_normalized_mean(bed, cache_dir, targets) - _normalized_mean(bed, cache_dir, others), z or default_z)

@@ -100,13 +100,13 @@ def frequency_study(bed: Bed, tenant: str, out_dir: Path, method: str = "fit") -
     before = cached_evaluation(bed, "before", None, tenant, out_dir)
     after = cached_evaluation(bed, method, chosen.off, tenant, out_dir)
     rows, data = [], []
+    b = {r.id: r for r in before.records}
+    a = {r.id: r for r in after.records}
     for group, members in (("target", lambda r: r.tenant == tenant), ("others", lambda r: r.tenant != tenant)):
         for lo, hi in BUCKETS:
             ids = [r.id for r in before.records if members(r) and lo <= r.repeats <= hi]
             if not ids:
                 continue
-            b = {r.id: r for r in before.records}
-            a = {r.id: r for r in after.records}
             exp_b = [b[i].exposure for i in ids if b[i].exposure is not None]
             exp_a = [a[i].exposure for i in ids if a[i].exposure is not None]
             entry = {"group": group, "repeats": f"{lo}-{hi}", "records": len(ids),
@@ -120,7 +120,7 @@ def frequency_study(bed: Bed, tenant: str, out_dir: Path, method: str = "fit") -
                          None if entry["exposure_before"] is None else round(entry["exposure_before"], 2),
                          None if entry["exposure_after"] is None else round(entry["exposure_after"], 2)])
     points = [{"id": r.id, "tenant": r.tenant, "repeats": r.repeats, "before": r.exposure,
-               "after": next(x.exposure for x in after.records if x.id == r.id)}
+               "after": a[r.id].exposure}
               for r in before.records if r.exposure is not None]
     plot_frequency(points, tenant, out_dir / "frequency.png")
     findings = [f"{d['group']}, seen {d['repeats']} times: extraction {d['extraction_before']:.2f} -> "

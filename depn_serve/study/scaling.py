@@ -6,7 +6,7 @@ import re
 import time
 from pathlib import Path
 
-from depn_serve.aggregation import default_top_z, tally_votes, top_z
+from depn_serve.aggregation import DEFAULT_THRESHOLD, default_top_z, tally_votes, top_z
 from depn_serve.study.cache import cached_evaluation, cached_selection
 from depn_serve.study.common import FAST_EVAL, Bed, StudyResult, StudyTable, group_change, ppl_change
 from depn_serve.study.figures import plot_model_size, plot_training
@@ -84,7 +84,7 @@ def training_study(bed_path: Path, tenant: str, out_dir: Path) -> StudyResult:
         state = cached_evaluation(bed, f"step {step}", None, tenant, out_dir, FAST_EVAL)
         targets = [r for r in bed.records if r.tenant == tenant]
         scores = bed.scores(out_dir)
-        tally = tally_votes((t for _, t in scores.iter_scores([r.id for r in targets])), 0.1)
+        tally = tally_votes((t for _, t in scores.iter_scores([r.id for r in targets])), DEFAULT_THRESHOLD)
         layers = top_z(tally, default_top_z(*bed.shape)).sum(1).tolist()
         group = state.groups[tenant]
         entry = {"step": step, "extraction": group.extraction, "exposure": group.mean_exposure,
