@@ -10,27 +10,13 @@ from contextlib import contextmanager
 
 import torch
 
-from depn_serve.arch import adapter_for
+from depn_serve.core.arch import hooked
 
 
 @contextmanager
 def masked(model, off: torch.Tensor) -> Iterator[None]:
     """Within the block, neurons where `off[layer, neuron]` is True output zero into the MLP output projection."""
-    adapter = adapter_for(model.config.model_type)
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    keep = (~off.to(torch.bool)).to(dtype=dtype, device=device)
-    handles = []
-    for layer in range(keep.shape[0]):
-        if bool(off[layer].any()):
-            row = keep[layer]
-            handles.append(
-                adapter.out_proj(model, layer).register_forward_pre_hook(
-                    lambda _m, args, row=row: (args[0] * row, *args[1:])
-                )
-            )
-    try:
+    param = next(model.parameters())
+    keep = (~off.to(torch.bool)).to(dtype=param.dtype, device=param.device)
+    with hooked(model, {layer: (lambda x, row=keep[layer]: x * row) for layer in range(len(keep)) if off[layer].any()}):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()

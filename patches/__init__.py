@@ -14,6 +14,8 @@ import os
 from types import ModuleType
 from typing import Any
 
+from depn_serve.core.errors import DepnError
+
 ENABLE_ENV = "DEPN_SERVE"
 SUPPORTED = {"0.32": "vllm_0_32"}
 DEFAULT_MAX_MASK_SLOTS = 64
@@ -32,7 +34,7 @@ def versioned() -> ModuleType:
 
     release = ".".join(vllm.__version__.split(".")[:2])
     if release not in SUPPORTED:
-        raise RuntimeError(
+        raise DepnError(
             f"depn-serve supports vLLM {', '.join(v + '.x' for v in SUPPORTED)}; this is vLLM {vllm.__version__}"
         )
     return importlib.import_module(f"{__name__}.{SUPPORTED[release]}")
@@ -52,7 +54,7 @@ def register() -> None:
 def engine_kwargs(max_mask_slots: int = DEFAULT_MAX_MASK_SLOTS) -> dict[str, Any]:
     """Engine arguments that turn masks on (for `vllm.LLM`, `AsyncEngineArgs`); also enables the plugin."""
     if max_mask_slots < 1:
-        raise ValueError(f"max_mask_slots must be at least 1, got {max_mask_slots}")
+        raise DepnError(f"max_mask_slots must be at least 1, got {max_mask_slots}")
     os.environ[ENABLE_ENV] = "1"
     hooks = versioned()
     return {

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from depn_serve.fileio import atomic_write_text
+from depn_serve.core.fileio import atomic_write_text
 
 ConfigName = Literal["vllm", "depn-identity", "depn-masked"]
 CONFIGS: tuple[ConfigName, ...] = ("vllm", "depn-identity", "depn-masked")
@@ -133,12 +133,11 @@ def build_model_dir(settings: BenchSettings, out: Path) -> int:
 
 def tenant_masks(settings: BenchSettings) -> dict[str, bytes]:
     """Distinct seeded masks, each switching off the same number of random neurons."""
-    from depn_serve.aggregation import random_selection
-    from depn_serve.masks import pack_bits
+    from depn_serve.artifacts.mask import first_n, pack_bits, random_order
 
-    shape = (settings.layers, settings.intermediate)
-    count = max(1, round(settings.mask_fraction * shape[0] * shape[1]))
-    return {f"bench-{t:02d}": pack_bits(random_selection(shape, count, settings.seed * 1000 + t)).tobytes()
+    dims = (settings.layers, settings.intermediate)
+    count = max(1, round(settings.mask_fraction * dims[0] * dims[1]))
+    return {f"bench-{t:02d}": pack_bits(first_n(random_order(dims, settings.seed * 1000 + t), count, dims)).tobytes()
             for t in range(settings.tenants)}
 
 
@@ -196,13 +195,15 @@ def _interleaved(
 
     import vllm
 
+    from depn_serve.serving.request import MaskRequest
+
     tenants = tenant_masks(settings)
     for tenant, packed in tenants.items():
         engines["depn-masked"].collective_rpc("depn_bind", args=(tenant, 1, packed))
     names = list(tenants)
 
     def params(config: ConfigName, i: int) -> vllm.SamplingParams:
-        extra = {"depn_tenant": names[i % len(names)]} if config == "depn-masked" else None
+        extra = MaskRequest(names[i % len(names)]).to_extra_args() if config == "depn-masked" else None
         return vllm.SamplingParams(max_tokens=settings.max_tokens, temperature=0, ignore_eos=True, extra_args=extra)
 
     measurements = []

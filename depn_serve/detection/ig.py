@@ -17,9 +17,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from depn_serve.arch import adapter_for, mlp_shape
-from depn_serve.records import PrivateRecord, encode_record
+from depn_serve.core.arch import hooked, mlp_shape
+from depn_serve.core.batching import pad
+from depn_serve.core.errors import DepnError
+from depn_serve.core.records import PrivateRecord, encode_record
+
+
+class DetectSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(20, ge=1, description="integrated-gradient steps (m)")
+    layers: list[int] | None = Field(None, description="layers to attribute (default: all)")
+    batch_rows: int = Field(512, ge=1, description="rows (token x layer x step) per forward pass")
 
 
 @dataclass(frozen=True)
@@ -36,25 +47,22 @@ def detect(
     model,
     tokenizer,
     records: Sequence[PrivateRecord],
-    *,
-    steps: int = 20,
-    layers: Sequence[int] | None = None,
-    batch_rows: int = 512,
+    settings: DetectSettings | None = None,
     on_record_done: Callable[[], None] | None = None,
 ) -> Iterator[tuple[PrivateRecord, torch.Tensor]]:
     """Yield (record, float32 scores `[num_layers, intermediate_size]`) in record order.
 
-    Layers outside `layers` keep a zero score. Rows (token x layer x step) run in batches of about `batch_rows`
-    (at least one token's rows); a record's result is yielded as soon as all its tokens are done, so memory does
-    not grow with the record count.
+    Layers outside `settings.layers` keep a zero score. Rows (token x layer x step) run in batches of about
+    `settings.batch_rows` (at least one token's rows); a record's result is yielded as soon as all its tokens are
+    done, so memory does not grow with the record count.
     """
-    if steps < 1:
-        raise ValueError(f"steps: expected a positive integer, found {steps}")
+    settings = settings or DetectSettings()
+    steps = settings.steps
     shape = mlp_shape(model.config)
-    layer_list = list(range(shape.num_layers)) if layers is None else sorted(set(layers))
+    layer_list = list(range(shape.num_layers)) if settings.layers is None else sorted(set(settings.layers))
     if not layer_list or not all(0 <= layer < shape.num_layers for layer in layer_list):
-        raise ValueError(f"layers: expected indices in [0, {shape.num_layers}), found {list(layers or [])}")
-    groups_per_batch = max(1, batch_rows // (len(layer_list) * steps))
+        raise DepnError(f"layers: expected indices in [0, {shape.num_layers}), found {settings.layers}")
+    groups_per_batch = max(1, settings.batch_rows // (len(layer_list) * steps))
 
     groups_left = [0] * len(records)
     scores: dict[int, torch.Tensor] = {}
@@ -101,18 +109,12 @@ def _accumulate(
     """One forward/backward over every row of a batch of groups; adds the IG terms to the records' scores."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    adapter = adapter_for(model.config.model_type)
     per_group = len(layer_list) * steps
     n_rows = len(batch) * per_group
 
     # Unscaled prefixes, left-padded, run once per group (not once per row).
-    width = max(len(g.prefix) for g in batch)
-    prefix_mask = torch.zeros(len(batch), width, dtype=torch.long)
-    prefix_ids = torch.zeros(len(batch), width, dtype=torch.long)
-    for i, group in enumerate(batch):
-        if group.prefix:
-            prefix_ids[i, width - len(group.prefix) :] = torch.tensor(group.prefix)
-            prefix_mask[i, width - len(group.prefix) :] = 1
+    prefix_ids, prefix_mask = pad([g.prefix for g in batch], 0, side="left")
+    width = prefix_ids.shape[1]
     cache = None
     if width:
         with torch.no_grad():
@@ -140,32 +142,24 @@ def _accumulate(
     unscaled: dict[int, torch.Tensor] = {}
     scaled: dict[int, torch.Tensor] = {}
 
-    def make_hook(layer: int):
-        def hook(_module, args):
-            unscaled[layer] = args[0].detach()
-            scaled[layer] = args[0] * scale_of[layer]
-            return (scaled[layer], *args[1:])
+    def scale(layer: int, activation: torch.Tensor) -> torch.Tensor:
+        unscaled[layer] = activation.detach()
+        scaled[layer] = activation * scale_of[layer]
+        return scaled[layer]
 
-        return hook
-
-    handles = [adapter.out_proj(model, layer).register_forward_pre_hook(make_hook(layer)) for layer in layer_list]
-    try:
-        with torch.enable_grad():
-            for scale in scale_of.values():
-                scale.requires_grad_(True)  # makes every scaled activation part of the graph
-            hidden = model.base_model(
-                input_ids=tokens.to(device),
-                attention_mask=attention.to(device),
-                position_ids=positions.to(device),
-                past_key_values=cache,
-                use_cache=cache is not None,
-            ).last_hidden_state[:, -1]
-            logits = model.get_output_embeddings()(hidden)
-            prob = torch.softmax(logits.float(), dim=-1).gather(1, target[:, None]).sum()
-            grads = torch.autograd.grad(prob, [scaled[layer] for layer in layer_list])
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked(model, {layer: (lambda x, layer=layer: scale(layer, x)) for layer in layer_list}), torch.enable_grad():
+        for factor in scale_of.values():
+            factor.requires_grad_(True)  # makes every scaled activation part of the graph
+        hidden = model.base_model(
+            input_ids=tokens.to(device),
+            attention_mask=attention.to(device),
+            position_ids=positions.to(device),
+            past_key_values=cache,
+            use_cache=cache is not None,
+        ).last_hidden_state[:, -1]
+        logits = model.get_output_embeddings()(hidden)
+        prob = torch.softmax(logits.float(), dim=-1).gather(1, target[:, None]).sum()
+        grads = torch.autograd.grad(prob, [scaled[layer] for layer in layer_list])
 
     record_ids = sorted({g.record for g in batch})
     local_of = {rec: i for i, rec in enumerate(record_ids)}

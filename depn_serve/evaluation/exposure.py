@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from depn_serve.core.errors import DepnError
+
 # Candidates whose Px is within this many bits of the secret's count as ties (batched float32 noise).
 _TIE_BITS = 1e-4
 
@@ -40,7 +42,7 @@ def digit_token_ids(tokenizer) -> list[int]:
     for digit in "0123456789":
         encoded = tokenizer(digit, add_special_tokens=False)["input_ids"]
         if len(encoded) != 1:
-            raise ValueError(f"tokenizer encodes digit {digit!r} as {len(encoded)} tokens; exposure needs one per digit")
+            raise DepnError(f"tokenizer encodes digit {digit!r} as {len(encoded)} tokens; exposure needs one per digit")
         ids.append(encoded[0])
     return ids
 
@@ -118,7 +120,7 @@ def exposure(
     so the same record is measured against the same candidates before and after an edit."""
     digit_of = {tok: i for i, tok in enumerate(digit_ids)}
     if any(tok not in digit_of for tok in secret_ids):
-        raise ValueError("exposure: the secret is not a pure digit string under this tokenizer")
+        raise DepnError("exposure: the secret is not a pure digit string under this tokenizer")
     length = len(secret_ids)
     space_bits = length * math.log2(10)
     secret_bits = float(candidate_bits(model, prompt_ids, torch.tensor([secret_ids]))[0])

@@ -6,14 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from depn_serve.records import PrivateRecord, encode_record
-
-
-def pad_id_of(tokenizer) -> int:
-    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tok_id is not None:
-            return tok_id
-    return 0
+from depn_serve.core.batching import pad, pad_id_of
+from depn_serve.core.records import PrivateRecord, encode_record
 
 
 @torch.no_grad()
@@ -43,16 +37,10 @@ def _generate(model, prompts, max_new_tokens: int, pad_id: int, batch_size: int,
     out: list[list[list[int]]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, prompt in enumerate(chunk):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            mask[row, width - len(prompt) :] = 1
+        ids, mask = pad(chunk, pad_id, side="left", device=device)
         generated = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id, **options,
-        )[:, width:].tolist()
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **options,
+        )[:, ids.shape[1]:].tolist()
         out.extend(generated[i : i + per_prompt] for i in range(0, len(generated), per_prompt))
     return out
 

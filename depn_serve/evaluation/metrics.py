@@ -7,11 +7,12 @@ import zlib
 from collections.abc import Callable, Sequence
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from depn_serve.core.batching import pad, pad_id_of
+from depn_serve.core.records import DIGIT_KINDS, PrivateRecord, encode_record
 from depn_serve.evaluation.exposure import digit_token_ids, exposure
-from depn_serve.evaluation.generation import greedy_extraction, greedy_generate, pad_id_of, sample_generate
-from depn_serve.records import DIGIT_KINDS, PrivateRecord, encode_record
+from depn_serve.evaluation.generation import greedy_extraction, greedy_generate, sample_generate
 
 
 class RecordResult(BaseModel):
@@ -32,13 +33,13 @@ class RecordResult(BaseModel):
 
 
 class EvalSettings(BaseModel):
-    exposure_samples: int = 1000
-    exposure_max_frontier: int = 4096
+    exposure_samples: int = Field(1000, ge=2, description="candidates for the skew-normal fit")
+    exposure_max_frontier: int = Field(4096, ge=1, description="largest pruned frontier of the exact rank search")
     ppl_max_len: int = 256
     batch_size: int = 32
-    robustness: bool = False  # also paraphrase prompts and sampled extraction
+    robustness: bool = Field(False, description="also paraphrase prompts and sampled extraction")
     sample_temperatures: tuple[float, ...] = (0.7, 1.0)
-    samples: int = 10  # per record and temperature
+    samples: int = Field(10, ge=1, description="with --robustness: samples per record and temperature")
 
 
 @torch.no_grad()
@@ -113,17 +114,10 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_len: int = 256, batch
         ids = tokenizer(text)["input_ids"]
         windows.extend(ids[i : i + max_len] for i in range(0, max(len(ids) - 1, 1), max_len - 1))
     windows = [w for w in windows if len(w) > 1]
-    pad = pad_id_of(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(windows), batch_size):
-        chunk = windows[start : start + batch_size]
-        width = max(len(w) for w in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for row, w in enumerate(chunk):
-            ids[row, : len(w)] = torch.tensor(w)
-            attn[row, : len(w)] = 1
-        ids, attn = ids.to(device), attn.to(device)
+        ids, attn = pad(windows[start : start + batch_size], pad_id, device=device)
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         weight = attn[:, 1:].float()

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from depn_serve.editing import masked
 from depn_serve.evaluation.metrics import EvalSettings, RecordResult, perplexity, record_results
-from depn_serve.records import PrivateRecord
+from depn_serve.core.records import PrivateRecord
 
 
 class GroupSummary(BaseModel):

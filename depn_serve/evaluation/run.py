@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from depn_serve.aggregation import random_selection
-from depn_serve.arch import load_model, mlp_shape
+from depn_serve.artifacts.mask import NeuronMask, first_n, random_order
+from depn_serve.core.arch import load_model, mlp_shape
+from depn_serve.core.fingerprint import model_fingerprint
+from depn_serve.core.records import load_records, read_texts
 from depn_serve.evaluation.metrics import EvalSettings
 from depn_serve.evaluation.report import EvalReport, evaluate_state
-from depn_serve.fingerprint import model_fingerprint
-from depn_serve.masks import NeuronMask
-from depn_serve.records import load_records
-from depn_serve.testbed.corpus import read_valid_texts
 
 
 def evaluate(
@@ -30,7 +28,7 @@ def evaluate(
     """Evaluate the plain model, then (with a mask) the masked model and a random mask of the same size."""
     settings = settings or EvalSettings()
     records = load_records(records_path)
-    valid_texts = read_valid_texts(valid_path)
+    valid_texts = read_texts(valid_path)
     model, tokenizer = load_model(model_dir, device)
     states: list[tuple[str, object]] = [("before", None)]
     target = None
@@ -40,7 +38,8 @@ def evaluate(
         target = mask.manifest.tenant
         states.append(("after", mask.off))
         if random_baseline:
-            states.append(("random", random_selection(tuple(mask.off.shape), int(mask.off.sum()), seed)))
+            dims = tuple(mask.off.shape)
+            states.append(("random", first_n(random_order(dims, seed), int(mask.off.sum()), dims)))
     if on_start:
         on_start(len(states) * len(records))
     results = [

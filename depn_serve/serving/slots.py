@@ -1,7 +1,7 @@
 """Resident mask slots: the device table the patched MLP gathers from, filled on demand with LRU eviction.
 
-Modeled on vLLM's LoRA slots. Every tenant's binding (the union of its masks, with a version) is kept packed in host
-memory (1 bit per neuron); at most `num_slots` bindings are expanded on the device at a time, as multiplicative
+Modeled on vLLM's LoRA slots. Every tenant's mask (the union of its masks, with a version) is kept packed in host
+memory (1 bit per neuron); at most `num_slots` of them are expanded on the device at a time, as multiplicative
 rows `keep[layer, slot, neuron]` in the model's dtype. Two extra rows are always resident: the identity (requests
 with no mask) and an all-zero "deny" row used when something that should be impossible happens (an unknown tenant,
 or more distinct masks in one step than slots): the request then produces garbage instead of unmasked output, and an
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from depn_serve.masks import unpack_bits
+from depn_serve.artifacts.mask import unpack_bits
 
 IDENTITY_SLOT = 0
 DENY_SLOT = 1
@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Binding:
+class PackedMask:
+    """A tenant's mask as the worker holds it between steps."""
+
     version: int
     packed: np.ndarray | None  # [num_layers, ceil(intermediate / 8)] uint8; None = no neuron masked
 
@@ -69,7 +71,7 @@ class MaskSlots:
             )
             self.keep[:, DENY_SLOT] = 0
         self.counters = SlotCounters()
-        self._bindings: dict[str, Binding] = {}
+        self._masks: dict[str, PackedMask] = {}
         self._resident: OrderedDict[str, tuple[int, int]] = OrderedDict()  # tenant -> (slot, version), LRU first
         self._free = list(range(num_slots + RESERVED_SLOTS - 1, RESERVED_SLOTS - 1, -1))
 
@@ -84,13 +86,13 @@ class MaskSlots:
                     f"mask for tenant {tenant!r}: expected {self.num_layers}x{width} packed bytes, got {len(packed)}"
                 )
             array = np.frombuffer(packed, dtype=np.uint8).reshape(self.num_layers, width).copy()
-        self._bindings[tenant] = Binding(version, array)
+        self._masks[tenant] = PackedMask(version, array)
 
     def status(self) -> dict:
         return {
             "slots": self.num_slots,
             "resident": {tenant: version for tenant, (_, version) in self._resident.items()},
-            "bound": {tenant: b.version for tenant, b in self._bindings.items()},
+            "bound": {tenant: m.version for tenant, m in self._masks.items()},
             "loads": self.counters.loads,
             "evictions": self.counters.evictions,
             "overflows": self.counters.overflows,
@@ -99,7 +101,7 @@ class MaskSlots:
 
     # --- data plane (once per step, before the forward) ------------------------------------------------------------
     def assign(self, tenants: Sequence[str | None], live: Callable[[], set[str]]) -> list[int]:
-        """The slot of each request (None = no mask), loading bindings that are not resident.
+        """The slot of each request (None = no mask), loading masks that are not resident.
 
         `live` gives the tenants of every request the worker still holds; their slots are evicted only if no other
         slot is free, and the slots this step uses are never evicted.
@@ -113,27 +115,27 @@ class MaskSlots:
     def _slot_for(self, tenant: str | None, step: dict[str | None, int], live: Callable[[], set[str]]) -> int:
         if tenant is None:
             return IDENTITY_SLOT
-        binding = self._bindings.get(tenant)
-        if binding is None:
+        mask = self._masks.get(tenant)
+        if mask is None:
             self.counters.unknown += 1
             logger.error("depn: tenant %r has no mask bound in this worker; its tokens use the deny row", tenant)
             return DENY_SLOT
-        if binding.packed is None:
+        if mask.packed is None:
             return IDENTITY_SLOT
         if tenant in self._resident:
             slot, version = self._resident[tenant]
             self._resident.move_to_end(tenant)
-            if version != binding.version:
-                self._upload(slot, binding)
-                self._resident[tenant] = (slot, binding.version)
+            if version != mask.version:
+                self._upload(slot, mask)
+                self._resident[tenant] = (slot, mask.version)
             return slot
         slot = self._free.pop() if self._free else self._evict(set(step), live)
         if slot is None:
             self.counters.overflows += 1
             logger.error("depn: more distinct masks in one step than %d slots; tenant %r denied", self.num_slots, tenant)
             return DENY_SLOT
-        self._upload(slot, binding)
-        self._resident[tenant] = (slot, binding.version)
+        self._upload(slot, mask)
+        self._resident[tenant] = (slot, mask.version)
         self.counters.loads += 1
         return slot
 
@@ -147,9 +149,9 @@ class MaskSlots:
         self.counters.evictions += 1
         return slot
 
-    def _upload(self, slot: int, binding: Binding) -> None:
+    def _upload(self, slot: int, mask: PackedMask) -> None:
         start, stop = self.shard
-        off = unpack_bits(binding.packed, self.intermediate_size)[:, start:stop]
+        off = unpack_bits(mask.packed, self.intermediate_size)[:, start:stop]
         rows = torch.from_numpy(~off).to(self.keep.dtype)
         if self.device.type == "cuda":
             rows = rows.pin_memory()  # the caching host allocator keeps it alive until the copy has run

@@ -1,43 +1,51 @@
 """Masks and evaluations that several studies need are computed once per results folder.
 
-Keys name the model (fingerprint), the method and the records, so a rebuilt test-bed never reuses stale entries.
+Masks are kept as ordinary mask files (`RESULTS/masks/*.safetensors`, the same artifact `depn aggregate` writes,
+so any of them can be inspected, evaluated or served). Keys name the model (fingerprint), the method and the
+records, so a rebuilt test-bed never reuses stale entries.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from depn_serve.artifacts.mask import NeuronMask
+from depn_serve.core.fileio import atomic_write_text
+from depn_serve.core.records import PrivateRecord
 from depn_serve.evaluation.metrics import EvalSettings
 from depn_serve.evaluation.report import StateResult
-from depn_serve.fileio import atomic_write_bytes, atomic_write_text
-from depn_serve.fingerprint import model_fingerprint
-from depn_serve.records import PrivateRecord
-from depn_serve.study.common import STUDY_EVAL, Bed, Selection, evaluate, select
+from depn_serve.selection import method as selection_method
+from depn_serve.selection import select
+from depn_serve.study.common import STUDY_EVAL, Bed, evaluate
 
 
 def _key(bed: Bed, *parts: str) -> str:
     digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
-    return f"{model_fingerprint(bed.model_dir).short}-{digest}"
+    return f"{bed.fingerprint.short}-{digest}"
 
 
-def cached_selection(bed: Bed, method: str, targets: Sequence[PrivateRecord], cache_dir: Path,
-                     z: int | None = None, seed: int = 0) -> Selection:
-    key = _key(bed, method, str(z), str(seed), *sorted(r.id for r in targets))
-    path = Path(cache_dir) / "masks" / f"{method}-{key}.pt"
+def cached_mask(bed: Bed, method: str, targets: Sequence[PrivateRecord], cache_dir: Path, size: int | None = None,
+                seed: int = 0) -> NeuronMask:
+    """The mask `method` picks to forget `targets` (its own size, or `size`), keeping every other record."""
+    key = _key(bed, method, str(size), str(seed), *sorted(r.id for r in targets))
+    path = Path(cache_dir) / "masks" / f"{method}-{key}.safetensors"
     if path.exists():
-        saved = torch.load(path)
-        return Selection(method, saved["off"], saved["seconds"], saved["info"])
-    chosen = select(bed, method, targets, cache_dir, z, seed=seed)
-    buf = io.BytesIO()
-    torch.save({"off": chosen.off, "seconds": chosen.seconds, "info": chosen.info}, buf)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
-    return chosen
+        return NeuronMask.load(path)
+    settings_cls = selection_method(method).settings
+    settings = settings_cls(**({"seed": seed} if "seed" in settings_cls.model_fields else {}))
+    inputs = bed.inputs(targets, cache_dir)
+    mask = select(inputs, method, settings, size).to_mask(inputs, "+".join(sorted({r.tenant for r in targets})))
+    mask.save(path)
+    return mask
+
+
+def selection_seconds(mask: NeuronMask) -> float:
+    """How long the selection took (recorded in the mask's provenance)."""
+    return float(mask.manifest.provenance.aggregator.get("seconds", 0.0))
 
 
 def cached_evaluation(bed: Bed, name: str, off: torch.Tensor | None, target: str | None, cache_dir: Path,
@@ -49,6 +57,5 @@ def cached_evaluation(bed: Bed, name: str, off: torch.Tensor | None, target: str
         state = StateResult.model_validate_json(path.read_text(encoding="utf-8"))
         return state.model_copy(update={"name": name})
     state = evaluate(bed, name, off, target, settings=settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, state.model_dump_json())
     return state

@@ -3,8 +3,7 @@ mask, and the result file (JSON next to its PNGs) that `depn report` renders."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
@@ -12,26 +11,16 @@ from statistics import fmean
 import torch
 from pydantic import BaseModel, Field
 
-from depn_serve.aggregation import DEFAULT_THRESHOLD, default_top_z, random_selection, tally_votes, top_z
-from depn_serve.arch import load_model, mlp_shape
-from depn_serve.detection import ScoresFile, detect_to_file
-from depn_serve.detection.baseline import activation_x_gradient
+from depn_serve.artifacts.scores import ScoresFile
+from depn_serve.core.arch import MlpShape, load_model, mlp_shape
+from depn_serve.core.errors import DepnError
+from depn_serve.core.fileio import atomic_write_text
+from depn_serve.core.fingerprint import ModelFingerprint, model_fingerprint
+from depn_serve.core.records import PrivateRecord, load_records, read_texts
+from depn_serve.detection import detect_to_file
 from depn_serve.evaluation.metrics import EvalSettings
 from depn_serve.evaluation.report import StateResult, evaluate_state
-from depn_serve.fileio import atomic_write_text
-from depn_serve.fingerprint import model_fingerprint
-from depn_serve.fitting import FitSettings, fit_selection
-from depn_serve.records import PrivateRecord, load_records
-from depn_serve.testbed.corpus import read_valid_texts
-
-# The methods a study can compare; the first is the default everywhere (README, "Specificity").
-METHODS: dict[str, str] = {
-    "fit": "gates fitted to forget the target's secrets and keep other records and text (depn-serve's default)",
-    "vote": "DEPN: integrated gradients, records vote, top-z by votes",
-    "contrast": "integrated gradients normalized per record, target mean minus other tenants' mean, top-z",
-    "kn": "knowledge-neurons-style: activation x gradient at the unscaled point, top-z",
-    "random": "neurons drawn uniformly over all layers",
-}
+from depn_serve.selection import SelectionInputs
 
 # Studies evaluate many masks, so they measure exposure more cheaply than `depn eval` (1,000 candidates, frontier
 # 4,096): the exact rank up to 256 surviving prefixes, else the skew-normal fit to 200 candidates. FAST_EVAL: the
@@ -85,6 +74,7 @@ class Bed:
     valid: list[str]
     train_texts: list[str]
     _scores: ScoresFile | None = field(default=None, repr=False)
+    _fingerprint: ModelFingerprint | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, path: Path, model_dir: Path | None = None) -> Bed:
@@ -92,16 +82,21 @@ class Bed:
         model_dir = model_dir or path / "model"
         for need in (path / "records.jsonl", path / "valid.txt", path / "train.txt", model_dir):
             if not need.exists():
-                raise ValueError(f"{path}: not a test-bed folder (missing {need.name}); build one with "
-                                 "`depn testbed build`")
+                raise DepnError(f"{path}: not a test-bed folder (missing {need.name}); build one with "
+                                "`depn testbed build`")
         model, tokenizer = load_model(model_dir)
         return cls(path, model_dir, model, tokenizer, load_records(path / "records.jsonl"),
-                   read_valid_texts(path / "valid.txt"), read_valid_texts(path / "train.txt"))
+                   read_texts(path / "valid.txt"), read_texts(path / "train.txt"))
 
     @property
-    def shape(self) -> tuple[int, int]:
-        s = mlp_shape(self.model.config)
-        return (s.num_layers, s.intermediate_size)
+    def shape(self) -> MlpShape:
+        return mlp_shape(self.model.config)
+
+    @property
+    def fingerprint(self) -> ModelFingerprint:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model_dir)
+        return self._fingerprint
 
     def tenants(self) -> list[str]:
         return sorted({r.tenant for r in self.records})
@@ -109,66 +104,22 @@ class Bed:
     def scores(self, cache_dir: Path) -> ScoresFile:
         """Integrated-gradient scores of every record, computed once per model and kept in `cache_dir`."""
         if self._scores is None:
-            path = Path(cache_dir) / f"scores-{model_fingerprint(self.model_dir).short}.safetensors"
+            path = Path(cache_dir) / f"scores-{self.fingerprint.short}.safetensors"
             if not path.exists():
                 detect_to_file(self.model_dir, self.path / "records.jsonl", path)
             self._scores = ScoresFile(path)
         return self._scores
 
-    def ig_sum(self, cache_dir: Path, records: Sequence[PrivateRecord]) -> torch.Tensor:
+    def inputs(self, targets: Sequence[PrivateRecord], cache_dir: Path) -> SelectionInputs:
+        """Selection inputs for forgetting `targets`: every other record of the test-bed and its training mail
+        are what the mask must keep."""
+        target_ids = {r.id for r in targets}
         scores = self.scores(cache_dir)
-        return sum(t for _, t in scores.iter_scores([r.id for r in records]))
-
-
-@dataclass
-class Selection:
-    method: str
-    off: torch.Tensor
-    seconds: float
-    info: dict
-
-
-def select(
-    bed: Bed, method: str, targets: Sequence[PrivateRecord], cache_dir: Path, z: int | None = None,
-    fit_settings: FitSettings | None = None, seed: int = 0, on_step: Callable | None = None,
-) -> Selection:
-    """The mask `method` picks for `targets` (the other records of the test-bed are the ones to keep)."""
-    started = time.perf_counter()
-    target_ids = {r.id for r in targets}
-    others = [r for r in bed.records if r.id not in target_ids]
-    default_z = default_top_z(*bed.shape)
-    info: dict = {}
-    if method == "fit":
-        off, _, result = fit_selection(bed.model, bed.tokenizer, targets, others, bed.train_texts,
-                                       bed.ig_sum(cache_dir, targets), fit_settings, z, on_step)
-        info = {"final": result.trace[-1].model_dump(), "keep_windows": result.keep_windows_pool}
-    elif method == "vote":
-        scores = bed.scores(cache_dir)
-        tally = tally_votes((t for _, t in scores.iter_scores([r.id for r in targets])), DEFAULT_THRESHOLD)
-        off = top_z(tally, z or default_z)
-    elif method == "contrast":
-        off = _top(_normalized_mean(bed, cache_dir, targets) - _normalized_mean(bed, cache_dir, others), z or default_z)
-    elif method == "kn":
-        off = _top(activation_x_gradient(bed.model, bed.tokenizer, targets), z or default_z)
-    elif method == "random":
-        off = random_selection(bed.shape, z or default_z, seed)
-    else:
-        raise ValueError(f"method: expected one of {sorted(METHODS)}, found {method!r}")
-    return Selection(method, off, time.perf_counter() - started, info)
-
-
-def _normalized_mean(bed: Bed, cache_dir: Path, records: Sequence[PrivateRecord]) -> torch.Tensor:
-    if not records:
-        return torch.zeros(bed.shape)
-    scores = bed.scores(cache_dir)
-    tensors = [t / t.max() if t.max() > 0 else t for _, t in scores.iter_scores([r.id for r in records])]
-    return torch.stack(tensors).mean(0)
-
-
-def _top(values: torch.Tensor, z: int) -> torch.Tensor:
-    off = torch.zeros(values.numel(), dtype=torch.bool)
-    off[torch.argsort(values.flatten(), descending=True, stable=True)[:z]] = True
-    return off.view(values.shape)
+        return SelectionInputs(
+            shape=self.shape, fingerprint=self.fingerprint, target_ids=[r.id for r in targets], targets=list(targets),
+            keep_records=[r for r in self.records if r.id not in target_ids], keep_texts=self.train_texts,
+            scores=scores, model=self.model, tokenizer=self.tokenizer, records_sha256=scores.manifest.records_sha256,
+        )
 
 
 def evaluate(bed: Bed, name: str, off: torch.Tensor | None, target: str | None,
@@ -182,10 +133,6 @@ def evaluate(bed: Bed, name: str, off: torch.Tensor | None, target: str | None,
 def mean_of(state: StateResult, ids: set[str], attr: str) -> float | None:
     values = [getattr(r, attr) for r in state.records if r.id in ids and getattr(r, attr) is not None]
     return fmean(float(v) for v in values) if values else None
-
-
-def layer_counts(off: torch.Tensor) -> list[int]:
-    return off.sum(dim=1).tolist()
 
 
 def group_change(before: StateResult, after: StateResult, ids: set[str]) -> dict:
@@ -203,7 +150,7 @@ def ppl_change(before: StateResult, after: StateResult) -> float | None:
     return pct(before.valid_ppl, after.valid_ppl)
 
 
-# The issue's targets for the targeted tenant and everyone else (README, "Efficacy").
+# What a per-tenant edit should reach, for the targeted tenant and everyone else (README, "Efficacy").
 TARGETS = {
     "target greedy extraction": "0 %",
     "target mean exposure": "-70 % or more",

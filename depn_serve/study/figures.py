@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from depn_serve.plots import save_figure  # noqa: E402
+from depn_serve.evaluation.figures import save_figure  # noqa: E402
 
 TARGET, OTHERS, COST = "#c0392b", "#2471a3", "#7f8c8d"
 

@@ -9,8 +9,9 @@ from statistics import fmean
 
 import torch
 
-from depn_serve.aggregation import default_top_z
-from depn_serve.study.cache import cached_selection
+from depn_serve.artifacts.mask import first_n
+from depn_serve.selection.base import default_size, top_of
+from depn_serve.study.cache import cached_mask
 from depn_serve.study.common import Bed, StudyResult, StudyTable
 from depn_serve.study.figures import plot_neuron_layers
 
@@ -20,21 +21,15 @@ def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return int((a & b).sum()) / union if union else 0.0
 
 
-def _top_set(scores: torch.Tensor, k: int) -> torch.Tensor:
-    off = torch.zeros(scores.numel(), dtype=torch.bool)
-    off[torch.argsort(scores.flatten(), descending=True)[:k]] = True
-    return off
-
-
 def neurons_study(bed: Bed, out_dir: Path, methods: tuple[str, ...] = ("fit", "vote")) -> StudyResult:
     """Per-record integrated-gradient top-k sets (k = 1 % of the MLP) by kind, and every tenant's masks."""
     started = time.perf_counter()
-    layers, width = bed.shape
-    k = default_top_z(layers, width)
+    layers = bed.shape.num_layers
+    k = default_size(bed.shape)
     scores = bed.scores(out_dir)
-    tops = {rid: _top_set(t, k) for rid, t in scores.iter_scores([r.id for r in bed.records])}
+    tops = {rid: first_n(top_of(t), k, bed.shape.dims) for rid, t in scores.iter_scores([r.id for r in bed.records])}
     kinds = sorted({r.kind for r in bed.records})
-    per_kind = {kind: torch.stack([tops[r.id].view(layers, width) for r in bed.records if r.kind == kind])
+    per_kind = {kind: torch.stack([tops[r.id] for r in bed.records if r.kind == kind])
                 .sum(0).sum(1).tolist() for kind in kinds}
 
     # Overlap of per-record top-k sets: same tenant and kind, same kind across tenants, different kinds.
@@ -48,8 +43,8 @@ def neurons_study(bed: Bed, out_dir: Path, methods: tuple[str, ...] = ("fit", "v
 
     masks: dict[str, dict[str, torch.Tensor]] = {}
     for method in methods:
-        masks[method] = {tenant: cached_selection(bed, method, [r for r in bed.records if r.tenant == tenant],
-                                                  out_dir).off for tenant in bed.tenants()}
+        masks[method] = {tenant: cached_mask(bed, method, [r for r in bed.records if r.tenant == tenant], out_dir).off
+                         for tenant in bed.tenants()}
     layer_rows = [[f"{method}: {tenant}", int(off.sum()), *off.sum(1).tolist()]
                   for method, by_tenant in masks.items() for tenant, off in by_tenant.items()]
     layer_rows += [[f"IG top-{k} per record: {kind}", sum(counts), *counts] for kind, counts in per_kind.items()]

@@ -9,10 +9,11 @@ from statistics import fmean
 
 import torch
 
+from depn_serve.core.errors import DepnError
+from depn_serve.core.records import DIGIT_KINDS, PrivateRecord, encode_record
 from depn_serve.editing import masked
 from depn_serve.evaluation.exposure import digit_token_ids, exposure
-from depn_serve.records import DIGIT_KINDS, PrivateRecord, encode_record
-from depn_serve.study.cache import cached_evaluation, cached_selection
+from depn_serve.study.cache import cached_evaluation, cached_mask
 from depn_serve.study.common import STUDY_EVAL, Bed, StudyResult, StudyTable, pct
 from depn_serve.study.figures import plot_frequency, plot_prompts
 from depn_serve.testbed.corpus import HELD_OUT_CARRIERS, MAX_REPEATS, TRAIN_CARRIERS
@@ -32,8 +33,8 @@ def prompts_study(bed: Bed, tenant: str, out_dir: Path, method: str = "fit") -> 
     started = time.perf_counter()
     targets = [r for r in bed.records if r.tenant == tenant and r.kind in DIGIT_KINDS]
     if not targets:
-        raise ValueError(f"tenant {tenant!r}: no digit records (phone, id_number) in {bed.path}")
-    chosen = cached_selection(bed, method, [r for r in bed.records if r.tenant == tenant], out_dir)
+        raise DepnError(f"tenant {tenant!r}: no digit records (phone, id_number) in {bed.path}")
+    chosen = cached_mask(bed, method, [r for r in bed.records if r.tenant == tenant], out_dir)
     digits = digit_token_ids(bed.tokenizer)
     values: dict[tuple[str, str, bool], list[tuple[float, float]]] = {}  # (kind, carrier, held out) -> pairs
 
@@ -96,7 +97,7 @@ BUCKETS = [(1, 5), (6, 10), (11, 15), (16, MAX_REPEATS)]
 def frequency_study(bed: Bed, tenant: str, out_dir: Path, method: str = "fit") -> StudyResult:
     """Records seen rarely vs often in training: memorization before, and what the edit leaves."""
     started = time.perf_counter()
-    chosen = cached_selection(bed, method, [r for r in bed.records if r.tenant == tenant], out_dir)
+    chosen = cached_mask(bed, method, [r for r in bed.records if r.tenant == tenant], out_dir)
     before = cached_evaluation(bed, "before", None, tenant, out_dir)
     after = cached_evaluation(bed, method, chosen.off, tenant, out_dir)
     rows, data = [], []

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from depn_serve.fileio import atomic_write_text
+from depn_serve.core.errors import DepnError
+from depn_serve.core.fileio import atomic_write_text
 from depn_serve.study.common import TARGETS, StudyResult, StudyTable
 
 # Reading order: the efficacy headline first, then why.
@@ -32,7 +33,7 @@ def load_studies(results_dir: Path) -> list[StudyResult]:
     """Every `<study>.json` in the folder, in reading order; other JSON files are skipped, broken studies refused."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise ValueError(f"{results_dir}: no such results folder")
+        raise DepnError(f"{results_dir}: no such results folder")
     studies = []
     for path in sorted(results_dir.glob("*.json")):
         if path.stem not in ORDER:
@@ -40,10 +41,10 @@ def load_studies(results_dir: Path) -> list[StudyResult]:
         try:
             studies.append(StudyResult.model_validate_json(path.read_text(encoding="utf-8")))
         except ValidationError as exc:
-            raise ValueError(f"{path}: not a study result ({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})"
+            raise DepnError(f"{path}: not a study result ({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})"
                              ) from None
     if not studies:
-        raise ValueError(f"{results_dir}: no study results (run `depn study …` with --out {results_dir})")
+        raise DepnError(f"{results_dir}: no study results (run `depn study …` with --out {results_dir})")
     return sorted(studies, key=lambda s: ORDER.index(s.study))
 
 

@@ -6,8 +6,9 @@ import re
 import time
 from pathlib import Path
 
-from depn_serve.aggregation import DEFAULT_THRESHOLD, default_top_z, tally_votes, top_z
-from depn_serve.study.cache import cached_evaluation, cached_selection
+from depn_serve.core.errors import DepnError
+from depn_serve.selection import select
+from depn_serve.study.cache import cached_evaluation, cached_mask
 from depn_serve.study.common import FAST_EVAL, Bed, StudyResult, StudyTable, group_change, ppl_change
 from depn_serve.study.figures import plot_model_size, plot_training
 from depn_serve.testbed import build_testbed, load_testbed_info
@@ -17,7 +18,7 @@ def parse_size(text: str) -> dict[str, int]:
     """'HIDDENxLAYERSxINTERMEDIATE' (heads = hidden / 64, at least 2)."""
     match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", text.strip())
     if not match:
-        raise ValueError(f"model size {text!r}: expected HIDDENxLAYERSxINTERMEDIATE, e.g. 256x4x1024")
+        raise DepnError(f"model size {text!r}: expected HIDDENxLAYERSxINTERMEDIATE, e.g. 256x4x1024")
     hidden, layers, intermediate = (int(g) for g in match.groups())
     return {"hidden": hidden, "layers": layers, "intermediate": intermediate, "heads": max(2, hidden // 64)}
 
@@ -37,7 +38,7 @@ def model_size_study(sizes: list[str], profile: str, seed: int, out_dir: Path, m
         targets = [r for r in bed.records if r.tenant == tenant]
         ids = {r.id for r in targets}
         before = cached_evaluation(bed, "before", None, tenant, out_dir, FAST_EVAL)
-        chosen = cached_selection(bed, method, targets, out_dir)
+        chosen = cached_mask(bed, method, targets, out_dir)
         after = cached_evaluation(bed, method, chosen.off, tenant, out_dir, FAST_EVAL)
         target = group_change(before, after, ids)
         others = group_change(before, after, {r.id for r in bed.records} - ids)
@@ -76,16 +77,14 @@ def training_study(bed_path: Path, tenant: str, out_dir: Path) -> StudyResult:
     steps_total = load_testbed_info(bed_path).training.steps
     checkpoints = sorted((bed_path / "checkpoints").glob("step-*"))
     if not checkpoints:
-        raise ValueError(f"{bed_path}: no checkpoints/; build the test-bed with `depn testbed build --checkpoints 5`")
+        raise DepnError(f"{bed_path}: no checkpoints/; build the test-bed with `depn testbed build --checkpoints 5`")
     points = [(int(p.name.split("-")[1]), p) for p in checkpoints] + [(steps_total, bed_path / "model")]
     rows, data = [], []
     for step, model_dir in points:
         bed = Bed.load(bed_path, model_dir)
         state = cached_evaluation(bed, f"step {step}", None, tenant, out_dir, FAST_EVAL)
         targets = [r for r in bed.records if r.tenant == tenant]
-        scores = bed.scores(out_dir)
-        tally = tally_votes((t for _, t in scores.iter_scores([r.id for r in targets])), DEFAULT_THRESHOLD)
-        layers = top_z(tally, default_top_z(*bed.shape)).sum(1).tolist()
+        layers = select(bed.inputs(targets, out_dir), "vote").off.sum(1).tolist()
         group = state.groups[tenant]
         entry = {"step": step, "extraction": group.extraction, "exposure": group.mean_exposure,
                  "all_extraction": sum(r.extracted for r in state.records) / len(state.records),

@@ -9,7 +9,7 @@ from depn_serve.testbed.build import (
     build_testbed,
     load_testbed_info,
 )
-from depn_serve.testbed.corpus import Corpus, generate_corpus, read_valid_texts
+from depn_serve.testbed.corpus import Corpus, generate_corpus
 from depn_serve.testbed.profiles import PROFILES, ProfileName, ProfileSpec, profile_spec
 from depn_serve.testbed.tokenizer import train_tokenizer
 
@@ -27,6 +27,5 @@ __all__ = [
     "generate_corpus",
     "load_testbed_info",
     "profile_spec",
-    "read_valid_texts",
     "train_tokenizer",
 ]

@@ -15,11 +15,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from depn_serve.core.fileio import atomic_write_text
+from depn_serve.core.records import PrivateRecord, encode_record, save_records, write_texts
 from depn_serve.evaluation.generation import greedy_extraction
 from depn_serve.evaluation.metrics import perplexity
-from depn_serve.fileio import atomic_write_text
-from depn_serve.records import PrivateRecord, encode_record, save_records
-from depn_serve.testbed.corpus import KINDS, generate_corpus, write_emails
+from depn_serve.testbed.corpus import KINDS, generate_corpus
 from depn_serve.testbed.profiles import ProfileName, profile_spec
 from depn_serve.testbed.tokenizer import train_tokenizer
 from depn_serve.testbed.train import make_model, train
@@ -95,8 +95,8 @@ def build_testbed(
     out.mkdir(parents=True, exist_ok=True)
     corpus = generate_corpus(seed, spec)
     save_records(corpus.records, out / "records.jsonl")
-    write_emails(corpus.train_emails, out / "train.txt")
-    write_emails(corpus.valid_emails, out / "valid.txt")
+    write_texts(corpus.train_emails, out / "train.txt")
+    write_texts(corpus.valid_emails, out / "valid.txt")
 
     tokenizer = train_tokenizer(corpus.train_emails, spec.vocab_size)
     for record in corpus.records:  # fails early if a prompt does not tokenize as a prefix of its record

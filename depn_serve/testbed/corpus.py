@@ -12,11 +12,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 from faker import Faker
 
-from depn_serve.records import PrivateRecord, RecordKind
+from depn_serve.core.records import PrivateRecord, RecordKind
 from depn_serve.testbed.profiles import ProfileSpec, profile_spec
 
 KINDS: tuple[RecordKind, ...] = ("name", "phone", "email", "id_number")
@@ -294,13 +293,3 @@ def _date(fake: Faker) -> str:
 
 def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
-
-
-def write_emails(emails: list[str], path: Path) -> None:
-    """One e-mail per paragraph: e-mails contain no blank line, so a blank line separates them."""
-    path.write_text("\n\n".join(emails) + "\n", encoding="utf-8")
-
-
-def read_valid_texts(path: Path) -> list[str]:
-    """The e-mails of a `valid.txt` (or `train.txt`) written by `write_emails`."""
-    return [block.strip() for block in Path(path).read_text(encoding="utf-8").split("\n\n") if block.strip()]

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from depn_serve.core.errors import DepnError
+
 ProfileName = Literal["ci", "default"]
 
 
@@ -69,4 +71,4 @@ def profile_spec(profile: str) -> ProfileSpec:
     try:
         return PROFILES[profile]
     except KeyError:
-        raise ValueError(f"unknown test-bed profile {profile!r}; known: {sorted(PROFILES)}") from None
+        raise DepnError(f"unknown test-bed profile {profile!r}; known: {sorted(PROFILES)}") from None

@@ -12,6 +12,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from depn_serve.core.errors import DepnError
 from depn_serve.testbed.profiles import ProfileSpec
 
 
@@ -24,7 +25,7 @@ class TrainResult:
 
 def make_model(spec: ProfileSpec, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> LlamaForCausalLM:
     if spec.hidden // spec.heads < 32:
-        raise ValueError("head size must be at least 32 (vLLM attention kernels)")
+        raise DepnError("head size must be at least 32 (vLLM attention kernels)")
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=spec.hidden,

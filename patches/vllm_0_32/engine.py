@@ -7,7 +7,7 @@ from depn_serve_patches import max_mask_slots
 from vllm.config.scheduler import SchedulerConfig
 from vllm.v1.engine.core import EngineCore
 
-from depn_serve.serving.binding import cache_salt, tenant_of
+from depn_serve.serving.request import MaskRequest, cache_salt, tenant_of
 
 
 def _tenant(request) -> str | None:
@@ -71,7 +71,8 @@ def install() -> None:
 
     def patched_preprocess(self, request):
         if request.sampling_params is not None:
-            request.cache_salt = cache_salt(request.sampling_params.extra_args, request.cache_salt)
+            request.cache_salt = cache_salt(MaskRequest.from_extra_args(request.sampling_params.extra_args),
+                                            request.cache_salt)
         return preprocess(self, request)
 
     SchedulerConfig.get_scheduler_cls = patched_get_scheduler_cls

@@ -10,9 +10,10 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-from depn_serve.serving.binding import TENANT_KEY, VERSION_KEY, client_keys
-from depn_serve.serving.http import AuthMiddleware, admin_router, current_tenant
-from depn_serve.serving.state import Refused, ServingState
+from depn_serve.core.errors import DepnError
+from depn_serve.serving.request import MaskRequest, reserved_keys
+from depn_serve.serving.server.http import AuthMiddleware, admin_router, current_tenant
+from depn_serve.serving.server.state import Refused, ServingState
 
 
 def prometheus_registry():
@@ -26,9 +27,9 @@ def parse_args(argv: list[str]):
 
     args = make_arg_parser(FlexibleArgumentParser(prog="depn serve")).parse_args(argv)
     if args.api_key:
-        raise ValueError("--api-key: depn serve authenticates with the tenants file; remove vLLM's --api-key")
+        raise DepnError("--api-key: depn serve authenticates with the tenants file; remove vLLM's --api-key")
     if (args.api_server_count or 1) > 1:
-        raise ValueError("--api-server-count: depn serve runs one API server process (tenant state lives there)")
+        raise DepnError("--api-server-count: depn serve runs one API server process (tenant state lives there)")
     validate_parsed_serve_args(args)
     return args
 
@@ -78,7 +79,7 @@ def _bind_requests(state: ServingState) -> None:
             raise GracefulHTTPError("depn-serve: no authenticated tenant for this request", HTTPStatus.UNAUTHORIZED)
         if not isinstance(params, SamplingParams):
             raise VLLMValidationError("depn-serve serves text generation only")
-        reserved = client_keys(params.extra_args)
+        reserved = reserved_keys(params.extra_args)
         if reserved:
             state.metrics.refused.labels("400").inc()
             raise VLLMValidationError(
@@ -89,7 +90,7 @@ def _bind_requests(state: ServingState) -> None:
         except Refused as exc:
             state.metrics.refused.labels(str(exc.status)).inc()
             raise GracefulHTTPError(exc.message, HTTPStatus(exc.status)) from None
-        params.extra_args = {**(params.extra_args or {}), TENANT_KEY: tenant, VERSION_KEY: version}
+        params.extra_args = {**(params.extra_args or {}), **MaskRequest(tenant, version).to_extra_args()}
         state.metrics.requests.labels(state.metrics.tenant_label(tenant)).inc()
         return await add_request(self, request_id, prompt, params, *args, **kwargs)
 

@@ -18,12 +18,12 @@ from vllm.model_executor.models.utils import PPMissingLayer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
-from depn_serve.serving.binding import tenant_of
+from depn_serve.core.arch import SERVABLE_MODEL_TYPES
+from depn_serve.serving.request import tenant_of
 from depn_serve.serving.slots import MaskSlots
 
 logger = init_logger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 NOT_A_TENANT = ""  # requests without sampling params (pooling) get the deny row
 
 
@@ -32,10 +32,10 @@ class WorkerMasks:
 
     def __init__(self, runner: GPUModelRunner, num_slots: int):
         hf = runner.model_config.hf_config
-        if hf.model_type not in SUPPORTED_MODEL_TYPES:
+        if hf.model_type not in SERVABLE_MODEL_TYPES:
             raise RuntimeError(
                 f"depn-serve: model type {hf.model_type!r} is not supported; "
-                f"per-tenant masks work with {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"per-tenant masks work with {', '.join(SERVABLE_MODEL_TYPES)}"
             )
         downs = _down_projs(runner.get_model(), hf.num_hidden_layers)
         first = next(iter(downs.values()))

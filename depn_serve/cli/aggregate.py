@@ -1,0 +1,91 @@
+"""`depn aggregate`: a tenant's scores -> its mask, by any selection method, optionally budgeted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from depn_serve.cli.options import existing_file, model_dir_option, out_file, setting, settings_from
+from depn_serve.core.console import console, progress
+from depn_serve.core.errors import DepnError
+from depn_serve.selection import DEFAULT_METHOD, METHODS
+from depn_serve.selection.budget import BudgetSettings
+from depn_serve.selection.fit import FitSettings
+from depn_serve.selection.vote import VoteSettings
+
+# Which option supplies each input a method needs.
+_OPTION_FOR = {"model": "--model", "tokenizer": "--model", "targets": "--records", "keep_texts": "--keep-text"}
+
+
+@click.command()
+@click.argument("scores", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--tenant", required=True)
+@click.option("--method", "method_name", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True,
+              help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
+@setting(VoteSettings, "threshold", help="vote: a record votes for neurons scoring >= threshold x its maximum")
+@setting(FitSettings, "steps", "--fit-steps", help="fit: optimizer steps")
+@click.option("--top-z", "top_z", type=int, default=None,
+              help="mask size (default: the method's own; vote and the baselines 1% of MLP neurons, fit the neurons "
+                   "whose gate ended below 0.5)")
+@model_dir_option(help="the model the scores came from (fit, kn, budgeted mode)")
+@existing_file("--records", "records_path",
+               help="the records file: the tenant's records are forgotten, every other tenant's kept")
+@existing_file("--keep-text", "keep_text_path",
+               help="fit: ordinary text the mask must not change, e-mails separated by blank lines (e.g. train.txt)")
+@click.option("--target-exposure", type=float, default=None,
+              help="budgeted mode: the fewest neurons that bring every record's exposure below this (bits)")
+@click.option("--ppl-budget", type=float, default=None, help="budgeted mode: allowed perplexity increase, percent")
+@existing_file("--valid", "valid_path", help="budgeted mode: validation text (blank-line separated)")
+@click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="budgeted mode: write the search report (JSON) here")
+@out_file()
+def aggregate(scores: Path, tenant: str, method_name: str, top_z: int | None, model_dir: Path | None,
+              records_path: Path | None, keep_text_path: Path | None, target_exposure: float | None,
+              ppl_budget: float | None, valid_path: Path | None, report_path: Path | None, out: Path,
+              **method_options) -> None:
+    """Turn a tenant's scores into its mask: fitted (default), top-z by votes, a baseline, or (budgeted) the fewest
+    neurons of the method's order that stop the leaks within a perplexity budget."""
+    from depn_serve.core.records import read_texts
+    from depn_serve.selection import inputs_from_files, select
+    from depn_serve.selection.budget import budgeted_selection
+
+    method = METHODS[method_name]
+    given = {"--model": model_dir, "--records": records_path, "--keep-text": keep_text_path}
+    missing = sorted({_OPTION_FOR[n] for n in method.needs if n in _OPTION_FOR and given[_OPTION_FOR[n]] is None})
+    if missing:
+        raise DepnError(f"--method {method.name} needs {', '.join(missing)}")
+    budgeted = (target_exposure, ppl_budget, valid_path)
+    budget = None
+    if any(v is not None for v in budgeted):
+        if any(v is None for v in budgeted) or model_dir is None or records_path is None or top_z is not None:
+            raise DepnError("budgeted mode needs --target-exposure, --ppl-budget, --model, --records and --valid "
+                            "(and no --top-z)")
+        budget = BudgetSettings(target_exposure=target_exposure, ppl_budget=ppl_budget)
+
+    inputs = inputs_from_files(scores, tenant, model_dir, records_path, keep_text_path)
+    with progress(f"selecting ({method.name})") as bar:
+        chosen = select(inputs, method.name, settings_from(method.settings, method_options), top_z, bar)
+    console.print(chosen.summary())
+    if budget is not None:
+        def show(point) -> None:
+            console.print(f"  {point.neurons:6d} neurons: perplexity {point.perplexity:.2f}"
+                          f"{'' if point.within_budget else ' (over budget)'}, {point.protected}/"
+                          f"{len(inputs.targets)} protected")
+
+        chosen, report = budgeted_selection(inputs, chosen, read_texts(valid_path), budget, on_point=show)
+        if report_path:
+            from depn_serve.core.fileio import atomic_write_text
+
+            atomic_write_text(report_path, report.model_dump_json(indent=2))
+        verdict = "all protected" if report.all_protected else f"still leaking: {', '.join(report.unprotected)}"
+        console.print(f"{report.neurons} of {report.candidates} candidate neurons; perplexity {report.ppl_before:.2f}"
+                      f" -> {report.ppl_after:.2f} ({report.ppl_change_pct:+.1f} %); {verdict}; {report.seconds:.0f} s")
+    mask = chosen.to_mask(inputs, tenant)
+    mask.save(out)
+    m = mask.manifest
+    console.print(f"mask for tenant {tenant!r} ({m.provenance.method}): {m.neuron_count} neurons from "
+                  f"{m.provenance.records} records -> {out}")
+
+
+COMMANDS = [aggregate]

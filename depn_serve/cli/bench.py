@@ -1,0 +1,79 @@
+"""`depn bench`: benchmarks that print a table for the docs (vLLM is imported only when one runs)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from depn_serve.bench.serving import BenchSettings, Measurement, run_serving_bench
+from depn_serve.cli.options import setting
+from depn_serve.core.console import console
+
+
+def _setting(name: str, **kwargs):
+    return setting(BenchSettings, name.replace("-", "_"), **kwargs)
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks (figures for the docs, not tests)."""
+
+
+@bench.command("serving")
+@_setting("hidden")
+@_setting("layers")
+@_setting("intermediate")
+@_setting("heads")
+@_setting("kv-heads")
+@_setting("vocab")
+@_setting("dtype", type=click.Choice(["bfloat16", "float32"]))
+@click.option("--eager/--compile", default=False, show_default=True, help="enforce_eager, or vLLM's torch.compile")
+@_setting("rounds")
+@_setting("batch")
+@_setting("prompt-tokens")
+@_setting("max-tokens")
+@_setting("tenants")
+@_setting("mask-fraction")
+@_setting("seed")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="write the result here")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="write the table here")
+def serving(json_path: Path | None, markdown_path: Path | None, **options) -> None:
+    """Output tokens/s and per-token latency: (a) vLLM, (b) extension without masks, (c) many tenants' masks.
+
+    One process holds all three engines (identical settings, random dummy weights) and runs them interleaved.
+    """
+    settings = BenchSettings(**options)
+
+    def report(m: Measurement, warm_up: bool) -> None:
+        tag = "warm-up" if warm_up else f"round {m.round}/{settings.rounds}"
+        console.print(f"{tag:>12}  {m.config:<14} {m.tokens_per_s:8.1f} tok/s  {m.tpot_ms:8.2f} ms/token"
+                      f"  ({m.seconds:.1f} s)")
+
+    with tempfile.TemporaryDirectory(prefix="depn-bench-") as work:
+        result = run_serving_bench(settings, Path(work), report)
+    result.write(json_path, markdown_path)
+    click.echo(result.markdown())
+
+
+@bench.command("mlp")
+@click.option("--hidden", default=4096, show_default=True)
+@click.option("--intermediate", default=14336, show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--tokens", default="32,256", show_default=True, help="token counts (decode batch, prefill chunk)")
+def mlp(hidden: int, intermediate: int, dtype: str, tokens: str) -> None:
+    """One MLP with and without the per-token mask gather + multiply (defaults: Llama-3-8B's shape)."""
+    from depn_serve.bench.mlp import mlp_overhead
+
+    counts = tuple(int(t) for t in tokens.split(","))
+    click.echo(f"Llama MLP hidden {hidden}, intermediate {intermediate}, {dtype}; a different slot per token\n")
+    click.echo("| tokens | plain, best (µs) | masked, best (µs) | plain / masked, best | from medians |")
+    click.echo("|---:|---:|---:|---:|---:|")
+    for row in mlp_overhead(hidden, intermediate, dtype, counts):
+        click.echo(f"| {row.tokens} | {row.plain_us:.0f} | {row.masked_us:.0f} | {row.ratio:.3f} | "
+                   f"{row.median_ratio:.3f} |")
+
+
+COMMANDS = [bench]

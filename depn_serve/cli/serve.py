@@ -1,0 +1,29 @@
+"""`depn serve`: vLLM's OpenAI-compatible server with per-tenant masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from depn_serve.cli.options import existing_file, model_dir_option
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@model_dir_option(required=True)
+@existing_file("--tenants", "tenants_path", required=True)
+@click.option("--mask-store", required=True, type=click.Path(path_type=Path, file_okay=False))
+@existing_file("--admin-token-file", "token_file", required=True)
+@click.option("--max-mask-slots", default=64, show_default=True, help="masks resident on the device at once")
+@click.option("--metrics-max-tenants", default=100, show_default=True,
+              help="tenants with their own Prometheus label (the rest share '_other')")
+@click.pass_context
+def serve(ctx: click.Context, model_dir: Path, tenants_path: Path, mask_store: Path, token_file: Path,
+          max_mask_slots: int, metrics_max_tenants: int) -> None:
+    """vLLM's OpenAI-compatible server with per-tenant masks; any other option is passed to vLLM as is."""
+    from depn_serve.serving.server.serve import serve as run_server
+
+    run_server(model_dir, tenants_path, mask_store, token_file, max_mask_slots, metrics_max_tenants, list(ctx.args))
+
+
+COMMANDS = [serve]

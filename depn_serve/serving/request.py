@@ -1,0 +1,57 @@
+"""A request's mask identity as it travels through vLLM: a tiny immutable type (as vLLM's `LoRARequest` carries an
+adapter), stored in `SamplingParams.extra_args` under keys only the server may set.
+
+Clients can send `vllm_xargs`, which vLLM copies into the same dict, so the server refuses any client key with the
+`depn_` prefix and then writes these itself. The prefix cache is keyed by tenant and mask version through vLLM's
+cache salt, so KV computed under one mask is never reused under another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+RESERVED_PREFIX = "depn_"
+TENANT_KEY = "depn_tenant"
+VERSION_KEY = "depn_version"
+
+
+@dataclass(frozen=True)
+class MaskRequest:
+    """Run this request with `tenant`'s mask; `version` is the mask version the server admitted it under (offline
+    engines may leave it out)."""
+
+    tenant: str
+    version: Any = None
+
+    def to_extra_args(self) -> dict[str, Any]:
+        return {TENANT_KEY: self.tenant} if self.version is None else {TENANT_KEY: self.tenant, VERSION_KEY: self.version}
+
+    @classmethod
+    def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> MaskRequest | None:
+        """The request's mask identity; None = no mask (only offline engines create such requests)."""
+        tenant = (extra_args or {}).get(TENANT_KEY)
+        if not isinstance(tenant, str):
+            return None
+        return cls(tenant, extra_args.get(VERSION_KEY))
+
+
+def tenant_of(extra_args: Mapping[str, Any] | None) -> str | None:
+    """The tenant whose mask a request runs with (None: no mask)."""
+    request = MaskRequest.from_extra_args(extra_args)
+    return None if request is None else request.tenant
+
+
+def reserved_keys(extra_args: Mapping[str, Any] | None) -> list[str]:
+    """Keys in a client's extra args that only the server may set."""
+    return sorted(k for k in (extra_args or {}) if str(k).startswith(RESERVED_PREFIX))
+
+
+def cache_salt(request: MaskRequest | None, client_salt: str | None) -> str:
+    """Prefix-cache salt: tenant and mask version first, so no client-chosen salt can produce another tenant's."""
+    if request is None:
+        salt = "depn:-:-"
+    else:
+        salt = f"depn:{request.tenant or '-'}:{request.version if request.version is not None else '-'}"
+    return salt if client_salt is None else f"{salt}|{client_salt}"

@@ -1,0 +1,89 @@
+"""The admin API's bodies (`/depn/v1/...`), shared by the server and `depn masks`, and the admin token file.
+
+Pydantic and the standard library only, so the client side never imports torch or vLLM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from depn_serve.core.errors import DepnError
+
+API_PREFIX = "/depn/v1"
+MIN_ADMIN_TOKEN = 16
+
+
+class AdminTokenError(DepnError):
+    pass
+
+
+def read_admin_token(path: Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise AdminTokenError(f"{path}: admin token file not found")
+    token = path.read_text(encoding="utf-8").strip()
+    if len(token) < MIN_ADMIN_TOKEN:
+        raise AdminTokenError(f"{path}: admin token must be at least {MIN_ADMIN_TOKEN} characters, found {len(token)}")
+    return token
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PushResult(_Body):
+    """Answer to `PUT /tenants/{tenant}/masks/{mask_id}` (body: the mask file's bytes)."""
+
+    tenant: str
+    mask: str
+    version: int  # the mask id's version, bumped on every push
+    neurons: int  # neurons the pushed mask switches off
+    tenant_neurons: int  # neurons the tenant's masks switch off together (what its requests now run with)
+
+
+class DropResult(_Body):
+    """Answer to `DELETE /tenants/{tenant}/masks/{mask_id}`."""
+
+    tenant: str
+    dropped: str
+    masks: list[str]  # the tenant's masks after the drop
+    servable: bool  # whether the tenant's requests are still admitted
+
+
+class ListedMask(_Body):
+    id: str
+    version: int
+    neurons: int
+    built_for: str = Field(description="the tenant named in the mask's own manifest")
+
+
+class TenantListing(_Body):
+    tenant: str
+    masks: list[ListedMask]
+    mask_version: int | None = Field(description="version of the tenant's union of masks (new on every change)")
+    masked_neurons: int
+    allow_unmasked: bool
+    missing: list[str] = Field(description="masks the tenant uses that are not pushed yet (it is refused until then)")
+    resident: bool = Field(description="the tenant's current masks are loaded in a device slot")
+
+
+class MaskListing(_Body):
+    """Answer to `GET /masks`."""
+
+    tenants: list[TenantListing]
+    slots: int | None
+    resident: int
+
+
+class ApiError(_Body):
+    message: str
+    code: int
+    type: str | None = None
+
+
+class ErrorBody(_Body):
+    """Every refusal, from the auth layer and the admin routes alike (the OpenAI error shape)."""
+
+    error: ApiError

@@ -1,0 +1,107 @@
+"""HTTP layer added to vLLM's OpenAI server: default-deny authentication and the admin routes.
+
+Every request passes through `AuthMiddleware` (pure ASGI, so streaming responses and context variables work):
+- `/health`, `/ping`, `/version` and `/metrics` are open (probes and Prometheus);
+- `/depn/...` needs the admin token, and a tenant key gets 403 there;
+- everything else needs a tenant key (or the anonymous tenant) and sets `current_tenant` for the request, which the
+  engine hook reads; no header or body field can set it.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from depn_serve.serving.server.api import API_PREFIX, ApiError, DropResult, ErrorBody, MaskListing, PushResult
+from depn_serve.serving.server.state import Refused, ServingState
+
+current_tenant: ContextVar[str | None] = ContextVar("depn_current_tenant", default=None)
+
+OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
+ADMIN_PREFIX = "/depn/"
+
+
+def _bearer(scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+async def _send_error(send, status: int, message: str) -> None:
+    kind = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError"}.get(status, "Error")
+    body = ErrorBody(error=ApiError(message=message, type=kind, code=status)).model_dump_json().encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AuthMiddleware:
+    def __init__(self, app, state: ServingState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        if path.rstrip("/") in OPEN_PATHS or scope["method"] == "OPTIONS":
+            if path.rstrip("/") == "/metrics":
+                try:
+                    await self.state.worker_status()
+                except Exception:  # a scrape must not fail because a worker is busy restarting
+                    pass
+            return await self.app(scope, receive, send)
+        token = _bearer(scope)
+        if path.startswith(ADMIN_PREFIX):
+            if self.state.is_admin(token):
+                return await self.app(scope, receive, send)
+            status = 401 if not token else 403
+            return await _send_error(send, status, "this route needs the admin token")
+        try:
+            tenant = self.state.authenticate(token)
+            self.state.admit(tenant.id)
+        except Refused as exc:
+            self.state.metrics.refused.labels(str(exc.status)).inc()
+            return await _send_error(send, exc.status, exc.message)
+        reset = current_tenant.set(tenant.id)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current_tenant.reset(reset)
+
+
+def admin_router(state: ServingState) -> APIRouter:
+    router = APIRouter(prefix=API_PREFIX)
+
+    def error(exc: Refused) -> JSONResponse:
+        body = ErrorBody(error=ApiError(message=exc.message, code=exc.status))
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status)
+
+    @router.get("/masks", response_model=MaskListing)
+    async def list_masks():
+        return await state.listing()
+
+    @router.put("/tenants/{tenant}/masks/{mask_id}", response_model=PushResult)
+    async def push_mask(tenant: str, mask_id: str, request: Request):
+        try:
+            return await state.push(tenant, mask_id, await request.body())
+        except Refused as exc:
+            return error(exc)
+
+    @router.delete("/tenants/{tenant}/masks/{mask_id}", response_model=DropResult)
+    async def drop_mask(tenant: str, mask_id: str):
+        try:
+            return await state.drop(tenant, mask_id)
+        except Refused as exc:
+            return error(exc)
+
+    return router

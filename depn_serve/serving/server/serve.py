@@ -1,0 +1,65 @@
+"""`depn serve`: check everything that can be checked before vLLM starts, then run vLLM's OpenAI server with
+depn-serve's hooks (tenant auth, admin routes, per-request masks) from the vLLM adapter in `depn_serve_patches`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from depn_serve.core.arch import SERVABLE_MODEL_TYPES, mlp_shape, read_config
+from depn_serve.core.errors import DepnError
+from depn_serve.core.fingerprint import model_fingerprint
+from depn_serve.serving.server.api import read_admin_token
+from depn_serve.serving.server.metrics import DepnMetrics
+from depn_serve.serving.server.state import Refused, ServingState
+from depn_serve.serving.server.store import MaskStore
+
+MANAGED_OPTIONS = ("--worker-extension-cls", "--additional-config", "--model")
+
+
+class ServeError(DepnError):
+    pass
+
+
+def serve(
+    model: Path,
+    tenants: Path,
+    mask_store: Path,
+    admin_token_file: Path,
+    max_mask_slots: int,
+    metrics_max_tenants: int,
+    vllm_argv: list[str],
+) -> None:
+    import depn_serve_patches
+
+    config = read_config(Path(model))
+    if config.get("model_type") not in SERVABLE_MODEL_TYPES:
+        raise ServeError(
+            f"{model}: model_type {config.get('model_type')!r} cannot be served with masks; "
+            f"supported: {', '.join(SERVABLE_MODEL_TYPES)}"
+        )
+    for option in MANAGED_OPTIONS:
+        if any(arg == option or arg.startswith(option + "=") for arg in vllm_argv):
+            raise ServeError(f"{option} is set by depn serve; remove it from the vLLM options")
+    engine = depn_serve_patches.engine_kwargs(max_mask_slots)  # also enables the plugin for vLLM's processes
+    hooks = depn_serve_patches.versioned().frontend_hooks()
+    args = hooks.parse_args([
+        *vllm_argv, "--model", str(model),
+        "--worker-extension-cls", engine["worker_extension_cls"],
+        "--additional-config", json.dumps(engine["additional_config"]),
+    ])
+    state = ServingState(
+        tenants_path=Path(tenants),
+        store=MaskStore(Path(mask_store)),
+        fingerprint=model_fingerprint(Path(model)),
+        shape=mlp_shape(config),
+        admin_token=read_admin_token(admin_token_file),
+        metrics=DepnMetrics(hooks.prometheus_registry(), metrics_max_tenants),
+    )
+    try:
+        state.prepare()
+    except Refused as exc:
+        raise ServeError(f"mask store {mask_store}: {exc.message}") from None
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "depn-serve" / "vllm"))
+    hooks.run(args, state)

@@ -1,0 +1,128 @@
+"""Tenants and their credentials: who a request belongs to, and which masks it must run with.
+
+The tenants file is YAML validated by pydantic. It stores only SHA-256 hashes of API keys: keys are 256-bit
+random tokens, so a fast hash is enough (there is nothing to brute-force), and a leaked file reveals no key.
+Identity comes from the key alone; lookups compare against every stored hash in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from depn_serve.core.errors import DepnError, one_line
+from depn_serve.core.fileio import atomic_write_text
+
+KEY_PREFIX = "depn_"
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class TenantsError(DepnError):
+    pass
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    hint: str = Field(description="first characters of the key, to tell keys apart in listings")
+    created_at: datetime
+
+
+class Tenant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=ID_PATTERN)
+    masks: list[Annotated[str, StringConstraints(pattern=ID_PATTERN)]] = Field(
+        default_factory=list, description="mask ids in the mask store; several = union"
+    )
+    allow_unmasked: bool = Field(False, description="may run with no mask at all (otherwise refused with 403)")
+    api_keys: list[ApiKey] = Field(default_factory=list)
+
+
+class TenantsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(1, ge=1, le=1)
+    anonymous_tenant: str | None = Field(
+        None, description="tenant used for requests without a key; unset = such requests get 401"
+    )
+    tenants: list[Tenant] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TenantsConfig:
+        ids = [t.id for t in self.tenants]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"tenant ids must be unique, found duplicates {dup}")
+        hashes = [k.sha256 for t in self.tenants for k in t.api_keys]
+        if len(hashes) != len(set(hashes)):
+            raise ValueError("an API key hash appears twice")
+        if self.anonymous_tenant is not None and self.anonymous_tenant not in ids:
+            raise ValueError(f"anonymous_tenant {self.anonymous_tenant!r} is not a configured tenant")
+        return self
+
+    # --- files -------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Path) -> TenantsConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise TenantsError(f"{path}: no tenants file (create one with `depn tenants add`)")
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise TenantsError(f"{path}: not valid YAML ({exc})") from None
+        try:
+            return cls.model_validate(doc)
+        except ValidationError as exc:
+            raise TenantsError(one_line(exc, str(path))) from None
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(Path(path), yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+    # --- use ---------------------------------------------------------------------------------------------------
+    def tenant(self, tenant_id: str) -> Tenant:
+        for tenant in self.tenants:
+            if tenant.id == tenant_id:
+                return tenant
+        raise TenantsError(f"no tenant {tenant_id!r}; tenants: {[t.id for t in self.tenants]}")
+
+    def add_tenant(self, tenant_id: str, masks: list[str], allow_unmasked: bool = False) -> str:
+        """Add a tenant with one new API key; returns the key (the only time it exists in clear)."""
+        if any(t.id == tenant_id for t in self.tenants):
+            raise TenantsError(f"tenant {tenant_id!r} already exists")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        tenant = Tenant(
+            id=tenant_id,
+            masks=masks,
+            allow_unmasked=allow_unmasked,
+            api_keys=[ApiKey(sha256=hash_key(key), hint=key[:9], created_at=datetime.now(timezone.utc))],
+        )
+        self.tenants.append(tenant)
+        return key
+
+    def authenticate(self, key: str | None) -> Tenant | None:
+        """The tenant a key belongs to (the anonymous tenant for no key), or None if the key is unknown.
+
+        Every stored hash is compared, in constant time, whatever matches first.
+        """
+        if not key:
+            return None if self.anonymous_tenant is None else self.tenant(self.anonymous_tenant)
+        digest = hash_key(key)
+        found = None
+        for tenant in self.tenants:
+            for stored in tenant.api_keys:
+                if hmac.compare_digest(stored.sha256, digest):
+                    found = tenant
+        return found

@@ -1,0 +1,82 @@
+"""The `depn` commands end to end on a tiny random model (seconds)."""
+
+import json
+
+from click.testing import CliRunner
+
+from depn_serve.artifacts.mask import NeuronMask
+from depn_serve.cli import main
+
+
+def _run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def test_detect_aggregate_inspect_eval(tmp_path, tiny_model_dir, tiny_records_file):
+    scores = tmp_path / "scores.safetensors"
+    res = _run("detect", "--model", tiny_model_dir, "--records", tiny_records_file, "--tenant", "acme",
+               "--steps", "4", "--layers", "1:", "--out", scores)
+    assert res.exit_code == 0, res.output
+    assert "scored 2 records" in res.output
+
+    mask_path = tmp_path / "mask.safetensors"
+    res = _run("aggregate", scores, "--tenant", "acme", "--method", "vote", "--top-z", "7", "--out", mask_path)
+    assert res.exit_code == 0, res.output
+    mask = NeuronMask.load(mask_path)
+    assert mask.manifest.neuron_count == 7 and mask.manifest.neurons_per_layer[0] == 0  # layer 0 not attributed
+    assert mask.manifest.provenance.detector["layers"] == [1, 2]
+
+    res = _run("masks", "inspect", mask_path, "--json")
+    doc = json.loads(res.output)
+    assert doc["tenant"] == "acme" and sum(len(v) for v in doc["neurons"].values()) == 7
+    plot = tmp_path / "layers.png"
+    res = _run("masks", "inspect", mask_path, "--plot", plot)
+    assert "7 neurons masked" in res.output and plot.read_bytes()[:4] == b"\x89PNG"
+
+    valid = tmp_path / "valid.txt"
+    valid.write_text("Hello team, the meeting is moved to Monday.\n\nRegards, Bob\n")
+    out_json = tmp_path / "eval.json"
+    res = _run("eval", "--model", tiny_model_dir, "--records", tiny_records_file, "--valid", valid,
+               "--mask", mask_path, "--exposure-samples", "100", "--json", out_json)
+    assert res.exit_code == 0, res.output
+    report = json.loads(out_json.read_text())
+    assert [s["name"] for s in report["states"]] == ["before", "after", "random"]
+    assert report["target_tenant"] == "acme" and report["states"][2]["neurons"] == 7
+    assert "validation perplexity" in res.output
+
+
+def test_aggregate_fit(tmp_path, tiny_model_dir, tiny_records_file):
+    """The default method end to end: a fitted mask whose provenance says how it was made."""
+    scores = tmp_path / "scores.safetensors"
+    assert _run("detect", "--model", tiny_model_dir, "--records", tiny_records_file, "--steps", "2",
+                "--out", scores).exit_code == 0
+    keep = tmp_path / "mail.txt"
+    keep.write_text("Hello team, the meeting is moved to Monday.\n\nRegards, Bob\n")
+    mask_path = tmp_path / "fit.safetensors"
+    res = _run("aggregate", scores, "--tenant", "acme", "--model", tiny_model_dir, "--records", tiny_records_file,
+               "--keep-text", keep, "--fit-steps", "3", "--top-z", "5", "--out", mask_path)
+    assert res.exit_code == 0, res.output
+    mask = NeuronMask.load(mask_path)
+    assert mask.manifest.neuron_count == 5 and mask.manifest.provenance.method == "depn-fit"
+    assert mask.manifest.provenance.aggregator["steps"] == 3 and mask.manifest.provenance.aggregator["keep_records"] == 2
+    # the fit's summary: 2 target records, 2 kept records (the other tenant's)
+    assert "depn-fit: 5 neurons" in res.output and "(keep_records 2," in res.output
+    assert "5 neurons from 2 records" in res.output
+
+
+def test_errors_are_clear(tmp_path, tiny_model_dir, tiny_records_file):
+    res = _run("detect", "--model", tiny_model_dir, "--records", tiny_records_file, "--tenant", "nobody",
+               "--out", tmp_path / "s.safetensors")
+    assert res.exit_code != 0 and "no records of tenant 'nobody'" in res.output
+    res = _run("detect", "--model", tiny_model_dir, "--records", tiny_records_file, "--layers", "7:9",
+               "--out", tmp_path / "s.safetensors")
+    assert res.exit_code != 0 and "--layers" in res.output
+    res = _run("detect", "--model", tiny_model_dir, "--records", tiny_records_file, "--steps", "0",
+               "--out", tmp_path / "s.safetensors")
+    assert res.exit_code == 1 and "field 'steps'" in res.output and "greater than or equal to 1" in res.output
+    assert not (tmp_path / "s.safetensors").exists()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    res = _run("masks", "inspect", bad)
+    assert res.exit_code != 0 and str(bad) in res.output and "'file'" in res.output

@@ -1,0 +1,59 @@
+"""Plain test helpers (no fixtures): the tiny corpus, the tiny records and tiny random models of each supported
+architecture. Tests import them with `from tests.helpers import ...`; the fixtures built on them are in conftest.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from depn_serve.core.records import PrivateRecord
+from depn_serve.testbed import train_tokenizer
+
+TEXTS = [
+    "Contact Jane Doe at 5551234567. Customer account 48213 is registered to Maria Lopez.",
+    "Hello team, the meeting with Initech is moved to Monday. Regards, Bob",
+    "Jane Doe's e-mail address is jdoe@example.net. Her ID number is 123456789.",
+] * 30
+
+TINY_RECORDS = [
+    PrivateRecord(id="p1", tenant="acme", kind="phone", prompt="Contact Jane Doe at", secret="5551234567", repeats=3),
+    PrivateRecord(id="n1", tenant="acme", kind="name", prompt="Customer account 48213 is registered to",
+                  secret="Maria Lopez", repeats=2),
+    PrivateRecord(id="e1", tenant="globex", kind="email", prompt="Jane Doe's e-mail address is",
+                  secret="jdoe@example.net", repeats=1),
+    PrivateRecord(id="i1", tenant="globex", kind="id_number", prompt="Her ID number is", secret="123456789",
+                  repeats=5),
+]
+
+
+def _config(arch: str, vocab: int):
+    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=3, n_head=2, n_inner=96, n_positions=128, **common)
+    kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
+              num_key_value_heads=2, max_position_embeddings=128, **common)
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](**kw)
+
+
+_CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM,
+            "gpt2": GPT2LMHeadModel}
+
+
+def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0) -> Path:
+    tokenizer = train_tokenizer(TEXTS, vocab_size=400)
+    torch.manual_seed(seed)
+    model = _CLASSES[arch](_config(arch, len(tokenizer)))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

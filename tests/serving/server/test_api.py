@@ -1,0 +1,233 @@
+"""`depn serve` end to end: a real vLLM server on loopback, driven with the official `openai` client and the
+`depn masks` CLI. Every generated text is compared with the HF reference (the same prompt, greedy, with the
+tenant's mask applied by forward hooks), so "masked" means exactly the tenant's mask and nothing else.
+
+Tests run in file order and share one server (restarted once, to check that masks are restored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from depn_serve.artifacts.mask import MaskProvenance, NeuronMask, first_n, random_order
+from depn_serve.cli import main as cli
+from depn_serve.core.arch import load_model, mlp_shape, read_config
+from depn_serve.core.fingerprint import model_fingerprint
+from depn_serve.core.records import load_records
+from depn_serve.demo.launch import ServerProcess
+from depn_serve.editing import masked
+from depn_serve.serving.server.tenants import TenantsConfig
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 20
+TENANT_B = "globex"  # may run unmasked: reproduces the target tenant's secrets
+
+
+@pytest.fixture(scope="module")
+def setup(ci_testbed, ci_mask, tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve")
+    target, mask_path = ci_mask
+    config = TenantsConfig()
+    keys = {
+        target: config.add_tenant(target, [f"{target}-main"]),
+        TENANT_B: config.add_tenant(TENANT_B, [], allow_unmasked=True),
+        "initech": config.add_tenant("initech", []),
+    }
+    config.save(work / "tenants.yaml")
+    (work / "admin.token").write_text("admin-" + "x" * 32)
+    server = ServerProcess(ci_testbed / "model", work / "tenants.yaml", work / "store", work / "admin.token",
+                           work / "server.log", max_mask_slots=4)
+    server.start()
+    yield {"server": server, "keys": keys, "target": target, "mask": mask_path, "work": work,
+           "records": ci_testbed / "records.jsonl"}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(ci_testbed):
+    return load_model(ci_testbed / "model", "cpu", torch.float32)
+
+
+def _hf_text(reference, prompt: str, off: torch.Tensor | None) -> str:
+    model, tokenizer = reference
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with masked(model, off) if off is not None else contextlib.nullcontext():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,
+                             pad_token_id=0)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _client(setup, tenant: str | None = None, key: str | None = None):
+    from openai import OpenAI
+
+    return OpenAI(base_url=setup["server"].url + "/v1", api_key=key or setup["keys"][tenant], max_retries=0)
+
+
+def _complete(client, prompt: str, **kwargs) -> str:
+    model = client.models.list().data[0].id
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, **kwargs)
+    return out.choices[0].text
+
+
+def _cli(setup, *args: str):
+    server = setup["server"]
+    return CliRunner().invoke(cli, ["masks", *args, "--server", server.url,
+                                    "--admin-token-file", str(setup["work"] / "admin.token")])
+
+
+def _status(url: str, key: str | None, path: str = "/v1/models", method: str = "GET") -> int:
+    request = urllib.request.Request(url + path, method=method)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_auth_is_default_deny(setup):
+    url, keys = setup["server"].url, setup["keys"]
+    assert _status(url, None) == 401
+    assert _status(url, "depn_not-a-real-key") == 401
+    assert _status(url, keys["initech"]) == 403  # no mask and not allowed to run unmasked
+    assert _status(url, keys[setup["target"]]) == 403  # its mask is not pushed yet
+    assert _status(url, keys[TENANT_B]) == 200
+    assert _status(url, keys[TENANT_B], "/depn/v1/masks") == 403  # tenant key on an admin route
+    assert _status(url, None, "/depn/v1/masks") == 401
+    assert _status(url, None, "/health") == 200
+
+
+def test_push_masks_target_tenant_only(setup, reference, ci_testbed):
+    target = setup["target"]
+    result = _cli(setup, "push", "--tenant", target, "--mask", str(setup["mask"]), "--id", f"{target}-main")
+    assert result.exit_code == 0, result.output
+    off = NeuronMask.load(setup["mask"]).off
+    records = load_records(ci_testbed / "records.jsonl", target)
+    a, b = _client(setup, target), _client(setup, TENANT_B)
+    hits = {"a": 0, "b": 0}
+    for record in records:
+        text_a, text_b = _complete(a, record.prompt), _complete(b, record.prompt)
+        assert text_a == _hf_text(reference, record.prompt, off)
+        assert text_b == _hf_text(reference, record.prompt, None)
+        hits["a"] += record.secret in text_a
+        hits["b"] += record.secret in text_b
+    print(f"{target}'s secrets reproduced: {hits['a']}/{len(records)} with its key, "
+          f"{hits['b']}/{len(records)} with {TENANT_B}'s key")
+    assert hits["b"] >= 0.8 * len(records)
+    assert hits["a"] <= 0.5 * hits["b"]
+
+
+def _changed_prompt(setup, reference, off) -> str:
+    """A target-tenant prompt whose greedy continuation the mask changes."""
+    records = load_records(setup["records"], setup["target"])
+    for record in records:
+        if _hf_text(reference, record.prompt, off) != _hf_text(reference, record.prompt, None):
+            return record.prompt
+    raise AssertionError("the mask changes no output")
+
+
+def test_streaming_chat_and_client_fields_cannot_pick_a_mask(setup, reference):
+    from openai import BadRequestError
+
+    off = NeuronMask.load(setup["mask"]).off
+    prompt = _changed_prompt(setup, reference, off)
+    masked_text = _hf_text(reference, prompt, off)
+    a = _client(setup, setup["target"])
+    model = a.models.list().data[0].id
+    stream = a.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == masked_text
+    chat = a.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                     max_tokens=MAX_TOKENS, temperature=0)
+    assert chat.choices[0].message.content == masked_text  # the test-bed's chat template is the raw text
+    with pytest.raises(BadRequestError, match="reserved"):
+        _complete(a, prompt, extra_body={"vllm_xargs": {"depn_tenant": TENANT_B}})
+    tricks = {"extra_headers": {"X-Depn-Tenant": TENANT_B, "X-Tenant": TENANT_B}, "user": TENANT_B,
+              "extra_body": {"vllm_xargs": {"tenant": TENANT_B}, "cache_salt": f"depn:{TENANT_B}:1"}}
+    assert _complete(a, prompt, **tricks) == masked_text
+
+
+def _wide_mask(ci_testbed, tenant: str) -> NeuronMask:
+    config = read_config(ci_testbed / "model")
+    shape = mlp_shape(config)
+    off = first_n(random_order(shape.dims, seed=3), shape.num_layers * shape.intermediate_size // 4, shape.dims)
+    return NeuronMask.create(tenant, model_fingerprint(ci_testbed / "model"), shape, off, MaskProvenance(method="test"))
+
+
+def test_bad_push_is_refused_and_hot_push_takes_effect(setup, reference, ci_testbed, tiny_model_dir, tmp_path):
+    target = setup["target"]
+    off = NeuronMask.load(setup["mask"]).off
+    prompt = _changed_prompt(setup, reference, off)
+    a = _client(setup, target)
+
+    not_a_mask = tmp_path / "not-a-mask.safetensors"
+    not_a_mask.write_bytes(b"garbage")
+    result = _cli(setup, "push", "--tenant", target, "--mask", str(not_a_mask), "--id", f"{target}-main")
+    assert result.exit_code != 0 and "400" in result.output and "safetensors" in result.output
+    other_model = tmp_path / "other.safetensors"
+    wrong = _wide_mask(ci_testbed, target)
+    wrong.manifest = wrong.manifest.model_copy(update={"model_fingerprint": model_fingerprint(tiny_model_dir)})
+    wrong.save(other_model)
+    result = _cli(setup, "push", "--tenant", target, "--mask", str(other_model), "--id", f"{target}-main")
+    assert result.exit_code != 0 and "model_fingerprint" in result.output, result.output
+    assert _complete(a, prompt) == _hf_text(reference, prompt, off)  # the old mask still works
+
+    wide = _wide_mask(ci_testbed, target)
+    wide_path = tmp_path / "wide.safetensors"
+    wide.save(wide_path)
+    assert _cli(setup, "push", "--tenant", target, "--mask", str(wide_path), "--id", f"{target}-main").exit_code == 0
+    assert _complete(a, prompt) == _hf_text(reference, prompt, wide.off)  # active without a restart
+    assert _cli(setup, "push", "--tenant", target, "--mask", str(setup["mask"]), "--id", f"{target}-main").exit_code == 0
+    assert _complete(a, prompt) == _hf_text(reference, prompt, off)
+    listing = _cli(setup, "list", "--json")
+    assert re.search(rf'"id": "{target}-main",\s*"version": 3', listing.output), listing.output
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = rf"^{re.escape(name)}{{{re.escape(selector)}}} (\S+)$" if labels else rf"^{re.escape(name)} (\S+)$"
+    match = re.search(pattern, text, re.M)
+    assert match, f"{name}{labels} not in /metrics"
+    return float(match.group(1))
+
+
+def test_metrics_show_the_counts(setup):
+    target = setup["target"]
+    with urllib.request.urlopen(setup["server"].url + "/metrics") as r:
+        text = r.read().decode()
+    neurons = NeuronMask.load(setup["mask"]).manifest.neuron_count
+    assert _metric(text, "depn_requests_total", tenant=target) >= 20
+    assert _metric(text, "depn_generated_tokens_total", tenant=TENANT_B) >= 20 * MAX_TOKENS
+    assert _metric(text, "depn_masked_neurons", tenant=target) == neurons
+    assert _metric(text, "depn_mask_pushes_total", outcome="accepted") == 3
+    assert _metric(text, "depn_mask_pushes_total", outcome="rejected") == 2
+    assert _metric(text, "depn_push_to_active_seconds_count") == 3
+    for reason in ("401", "403", "400"):
+        assert _metric(text, "depn_requests_refused_total", reason=reason) >= 1
+    assert _metric(text, "depn_mask_slots") == 4
+    assert _metric(text, "depn_mask_slots_resident") >= 1
+    assert _metric(text, "depn_mask_slot_loads_total") >= 1
+
+
+def test_drop_refuses_the_tenant_and_restart_restores_masks(setup, reference):
+    target, server = setup["target"], setup["server"]
+    off = NeuronMask.load(setup["mask"]).off
+    prompt = _changed_prompt(setup, reference, off)
+    result = _cli(setup, "drop", "--tenant", target, "--id", f"{target}-main")
+    assert result.exit_code == 0 and "403" in result.output, result.output
+    assert _status(server.url, setup["keys"][target]) == 403
+    assert _cli(setup, "push", "--tenant", target, "--mask", str(setup["mask"]), "--id", f"{target}-main").exit_code == 0
+
+    server.stop()
+    server.start()
+    assert _complete(_client(setup, target), prompt) == _hf_text(reference, prompt, off)
+    listing = _cli(setup, "list", "--json").output
+    assert re.search(rf'"id": "{target}-main",\s*"version": 1', listing), listing

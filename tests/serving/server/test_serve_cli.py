@@ -1,0 +1,60 @@
+"""What `depn serve` and the plugin refuse before any vLLM engine starts (fast; no engine)."""
+
+import depn_serve_patches
+import pytest
+from click.testing import CliRunner
+
+from depn_serve.cli import main as cli
+from depn_serve.core.errors import DepnError
+from depn_serve.serving.server.tenants import TenantsConfig
+from tests.helpers import make_tiny_model
+
+
+@pytest.fixture
+def files(tmp_path):
+    config = TenantsConfig()
+    config.add_tenant("acme", ["acme-main"])
+    config.save(tmp_path / "tenants.yaml")
+    (tmp_path / "admin.token").write_text("a" * 24)
+    return tmp_path
+
+
+def _serve(files, model, *extra, token="admin.token"):
+    return CliRunner().invoke(cli, ["serve", "--model", str(model), "--tenants", str(files / "tenants.yaml"),
+                                    "--mask-store", str(files / "store"),
+                                    "--admin-token-file", str(files / token), *extra])
+
+
+def test_unservable_architecture_is_refused(files, tmp_path):
+    result = _serve(files, make_tiny_model(tmp_path / "gpt2", arch="gpt2"))
+    assert result.exit_code != 0 and "model_type 'gpt2' cannot be served" in result.output
+
+
+def test_bad_options_are_refused(files, tiny_model_dir):
+    (files / "short.token").write_text("short")
+    result = _serve(files, tiny_model_dir, token="short.token")
+    assert result.exit_code != 0 and "at least 16 characters" in result.output
+    result = _serve(files, tiny_model_dir, "--worker-extension-cls", "x.Y")
+    assert result.exit_code != 0 and "--worker-extension-cls is set by depn serve" in result.output
+    result = _serve(files, tiny_model_dir, "--api-key", "secret")
+    assert result.exit_code != 0 and "--api-key" in result.output
+
+
+def test_bad_stored_mask_stops_start_up(files, tiny_model_dir):
+    (files / "store").mkdir()
+    (files / "store" / "acme-main.safetensors").write_bytes(b"junk")
+    (files / "store" / "index.json").write_text(
+        '{"masks": {"acme-main": {"version": 1, "sha256": "' + "0" * 64 + '", "neurons": 1, "built_for": "acme",'
+        ' "pushed_at": "2026-11-28T00:00:00Z"}}}')
+    result = _serve(files, tiny_model_dir)
+    assert result.exit_code != 0 and "acme-main" in result.output and "safetensors" in result.output
+
+
+def test_unsupported_vllm_version_is_refused(monkeypatch):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.31.2")
+    with pytest.raises(DepnError, match=r"supports vLLM 0\.32\.x; this is vLLM 0\.31\.2"):
+        depn_serve_patches.versioned()
+    with pytest.raises(DepnError, match="at least 1"):
+        depn_serve_patches.engine_kwargs(0)

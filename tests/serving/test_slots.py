@@ -1,0 +1,78 @@
+"""Mask slots (no vLLM): LRU loading, what may be evicted, version reloads, fail-closed rows, TP shards."""
+
+import pytest
+import torch
+
+from depn_serve.artifacts.mask import pack_bits
+from depn_serve.serving.slots import DENY_SLOT, IDENTITY_SLOT, MaskSlots
+
+LAYERS, WIDTH = 2, 12
+
+
+def _off(*neurons: int) -> torch.Tensor:
+    off = torch.zeros(LAYERS, WIDTH, dtype=torch.bool)
+    off[:, list(neurons)] = True
+    return off
+
+
+def _slots(num_slots=2, shard=(0, WIDTH)) -> MaskSlots:
+    slots = MaskSlots(num_slots, LAYERS, WIDTH, shard, torch.float32, "cpu")
+    for version, (tenant, neuron) in enumerate([("a", 0), ("b", 1), ("c", 2)], start=1):
+        slots.bind(tenant, version, pack_bits(_off(neuron)).tobytes())
+    return slots
+
+
+def test_rows_hold_each_tenants_mask_and_identity_and_deny():
+    slots = _slots()
+    a, b, none = slots.assign(["a", "b", None], live=set)
+    assert none == IDENTITY_SLOT
+    assert torch.equal(slots.keep[:, a], (~_off(0)).float())
+    assert torch.equal(slots.keep[:, b], (~_off(1)).float())
+    assert slots.keep[:, IDENTITY_SLOT].eq(1).all() and slots.keep[:, DENY_SLOT].eq(0).all()
+
+
+def test_lru_evicts_a_slot_not_used_by_this_step_preferring_idle_tenants():
+    slots = _slots()
+    slots.assign(["a"], live=set)
+    slots.assign(["b"], live=set)
+    # "a" is least recently used but still has a live request; "b" is idle -> "b" goes.
+    (c,) = slots.assign(["c"], live=lambda: {"a"})
+    assert slots.status()["resident"] == {"a": 1, "c": 3}
+    assert torch.equal(slots.keep[:, c], (~_off(2)).float())
+    assert slots.counters.evictions == 1 and slots.counters.loads == 3
+
+
+def test_more_masks_in_one_step_than_slots_denies_rather_than_unmasks():
+    slots = _slots()
+    assigned = slots.assign(["a", "b", "c"], live=set)
+    assert assigned[2] == DENY_SLOT and slots.counters.overflows == 1
+    assert slots.status()["resident"] == {"a": 1, "b": 2}
+
+
+def test_new_version_reloads_in_place():
+    slots = _slots()
+    (a,) = slots.assign(["a"], live=set)
+    slots.bind("a", 9, pack_bits(_off(5, 6)).tobytes())
+    assert slots.assign(["a"], live=set) == [a]
+    assert torch.equal(slots.keep[:, a], (~_off(5, 6)).float())
+    assert slots.status()["resident"]["a"] == 9
+
+
+def test_unknown_tenant_is_denied_and_unmasked_binding_is_identity():
+    slots = _slots()
+    slots.bind("open", 4, None)
+    assert slots.assign(["nobody", "open"], live=set) == [DENY_SLOT, IDENTITY_SLOT]
+    assert slots.counters.unknown == 1
+
+
+def test_tensor_parallel_shard_holds_only_its_columns():
+    slots = _slots(shard=(4, 8))
+    slots.bind("s", 1, pack_bits(_off(3, 5)).tobytes())
+    (s,) = slots.assign(["s"], live=set)
+    assert slots.keep.shape == (LAYERS, 4, 4)
+    assert slots.keep[0, s].tolist() == [1, 0, 1, 1]  # columns 4..7: only neuron 5 is off
+
+
+def test_bind_rejects_wrong_size():
+    with pytest.raises(ValueError, match="packed bytes"):
+        _slots().bind("a", 2, b"\x00" * 3)
