@@ -8,12 +8,16 @@ function; a mask is a prefix of a method's ranking (its own size, a fixed size, 
 
 from __future__ import annotations
 
+import time
+
 from pydantic import BaseModel
+
+from depn_serve.artifacts.mask import first_n
 
 from depn_serve.core.console import Bar
 from depn_serve.core.errors import DepnError
 from depn_serve.selection import contrast, fit, kn, random, vote
-from depn_serve.selection.base import Method, Selection, SelectionInputs, inputs_from_files, run_method
+from depn_serve.selection.base import Method, Selection, SelectionInputs, inputs_from_files
 
 _MODEL = ("model", "tokenizer", "targets")
 
@@ -42,7 +46,16 @@ def method(name: str) -> Method:
 def select(inputs: SelectionInputs, name: str = DEFAULT_METHOD, settings: BaseModel | None = None,
            size: int | None = None, bar: Bar | None = None) -> Selection:
     """The mask method `name` picks from `inputs`: its own size, or the first `size` neurons of its ranking."""
-    return run_method(method(name), inputs, settings, size, bar)
+    chosen = method(name)
+    inputs.need(chosen.name, *chosen.needs)
+    settings = settings if settings is not None else chosen.settings()
+    if size is not None and size < 1:
+        raise DepnError(f"mask size: expected a positive count, found {size}")
+    started = time.perf_counter()
+    ranking = chosen.rank(inputs, settings, bar)
+    n = ranking.size if size is None else size
+    return Selection(chosen, settings, ranking.order, first_n(ranking.order, n, inputs.shape.dims),
+                     {**ranking.info, "top_z": n}, time.perf_counter() - started, chosen.provenance)
 
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "Method", "Selection", "SelectionInputs", "inputs_from_files", "method",

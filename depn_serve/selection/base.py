@@ -7,7 +7,6 @@ own size, a size the user asks for, or the budgeted search's choice.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -115,20 +114,6 @@ def _short(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} {_short(v)}" for k, v in value.items()) + "}"
     return str(value)
-
-
-def run_method(method: Method, inputs: SelectionInputs, settings: BaseModel | None = None, size: int | None = None,
-               bar: Bar | None = None) -> Selection:
-    """Rank with `method` and keep its own size (or `size` neurons)."""
-    inputs.need(method.name, *method.needs)
-    settings = settings if settings is not None else method.settings()
-    if size is not None and size < 1:
-        raise DepnError(f"mask size: expected a positive count, found {size}")
-    started = time.perf_counter()
-    ranking = method.rank(inputs, settings, bar)
-    n = ranking.size if size is None else size
-    return Selection(method, settings, ranking.order, first_n(ranking.order, n, inputs.shape.dims),
-                     {**ranking.info, "top_z": n}, time.perf_counter() - started, method.provenance)
 
 
 def inputs_from_files(scores_path: Path, tenant: str, model_dir: Path | None = None, records_path: Path | None = None,
