@@ -44,6 +44,7 @@ def ci_mask(ci_testbed, tmp_path_factory) -> tuple[str, Path]:
     of the ci test-bed. The scores file is left next to the mask, as `scores.safetensors`."""
     from depn_serve.core.records import load_records
     from depn_serve.detection import detect_to_file
+    from depn_serve.core.selectors import MaskPolicy
     from depn_serve.selection import inputs_from_files, select
 
     work = tmp_path_factory.mktemp("ci-mask")
@@ -51,6 +52,6 @@ def ci_mask(ci_testbed, tmp_path_factory) -> tuple[str, Path]:
     tenant = load_records(records)[0].tenant
     detect_to_file(ci_testbed / "model", records, work / "scores.safetensors", tenant=tenant)
     mask_path = work / f"{tenant}.safetensors"
-    inputs = inputs_from_files(work / "scores.safetensors", tenant)
-    select(inputs, "vote").to_mask(inputs, tenant).save(mask_path)
+    inputs = inputs_from_files(MaskPolicy.own_records(tenant), work / "scores.safetensors")
+    select(inputs, "vote").to_mask(inputs).save(mask_path)
     return tenant, mask_path

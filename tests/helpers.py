@@ -57,3 +57,19 @@ def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def certified(mask, passed: bool = True):
+    """`mask` with a certificate whose per-record results pass (or fail: one forgotten record leaks greedily).
+    For the serving gate's tests: the gate reads certificates, `depn verify` is tested on its own."""
+    from depn_serve.artifacts.verification import Criteria, RecordVerdict, Verification, judge
+    from depn_serve.core.selectors import MaskPolicy
+
+    records = [RecordVerdict(id="r1", tenant="globex", kind="phone", role="forget", tries={"greedy": 1},
+                             hits={"greedy": 0 if passed else 1})]
+    failures = judge(Criteria(), records, 10.0, 10.0)
+    verification = Verification(
+        model_fingerprint=mask.manifest.model_fingerprint, mask_sha256=mask.bits_sha256(),
+        policy=MaskPolicy.isolation(mask.manifest.tenant), attacks={}, criteria=Criteria(), records=records,
+        perplexity_before=10.0, perplexity_after=10.0, seconds=0.0, failures=failures, passed=not failures)
+    return mask.certified(verification)

@@ -20,10 +20,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from depn_serve.artifacts.verification import Verification, bits_sha256
 from depn_serve.core.arch import MlpShape
 from depn_serve.core.errors import DepnError, field_error
 from depn_serve.core.fileio import atomic_write_bytes
 from depn_serve.core.fingerprint import ModelFingerprint
+from depn_serve.core.selectors import MaskPolicy
 
 MASK_FORMAT_VERSION = 1
 MANIFEST_KEY = "depn_mask"
@@ -65,6 +67,7 @@ class MaskProvenance(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = Field(description="how the neurons were chosen, e.g. 'depn-vote' or 'random'")
+    policy: MaskPolicy | None = Field(None, description="the records the mask forgets and keeps")
     records_sha256: str | None = None
     records: int = Field(ge=0, default=0, description="records that contributed")
     detector: dict[str, Any] = Field(default_factory=dict)
@@ -83,6 +86,7 @@ class MaskManifest(BaseModel):
     intermediate_size: int = Field(gt=0)
     neurons_per_layer: list[int]
     provenance: MaskProvenance
+    verification: Verification | None = Field(None, description="the attack certificate (`depn verify`)")
 
     @model_validator(mode="after")
     def _counts_fit(self) -> MaskManifest:
@@ -92,6 +96,12 @@ class MaskManifest(BaseModel):
             )
         if any(not 0 <= n <= self.intermediate_size for n in self.neurons_per_layer):
             raise ValueError(f"neurons_per_layer entries must lie in [0, {self.intermediate_size}]")
+        if self.verification is not None:
+            if self.verification.model_fingerprint != self.model_fingerprint:
+                raise ValueError("verification.model_fingerprint is not the mask's model_fingerprint")
+            if self.verification.policy.tenant != self.tenant:
+                raise ValueError(f"verification.policy.tenant {self.verification.policy.tenant!r} is not the mask's "
+                                 f"tenant {self.tenant!r}")
         return self
 
     @property
@@ -129,6 +139,17 @@ class NeuronMask:
         )
         return cls(manifest, off)
 
+    def bits_sha256(self) -> str:
+        """Digest of the packed bits: what a verification certificate is bound to."""
+        return bits_sha256(pack_bits(self.off).tobytes())
+
+    def certified(self, verification: Verification) -> NeuronMask:
+        """The same mask with `verification` in its manifest (replacing any earlier certificate)."""
+        if verification.mask_sha256 != self.bits_sha256():
+            raise MaskError("<new mask>", "verification.mask_sha256", self.bits_sha256(), verification.mask_sha256)
+        manifest = MaskManifest.model_validate({**self.manifest.model_dump(), "verification": verification})
+        return NeuronMask(manifest, self.off)
+
     # --- (de)serialization -------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         tensors = {BITS_KEY: torch.from_numpy(pack_bits(self.off))}
@@ -163,6 +184,9 @@ class NeuronMask:
         expected_shape = (manifest.num_layers, (manifest.intermediate_size + 7) // 8)
         if bits.dtype != torch.uint8 or tuple(bits.shape) != expected_shape:
             raise MaskError(source, BITS_KEY, f"uint8 {expected_shape}", f"{bits.dtype} {tuple(bits.shape)}")
+        if manifest.verification is not None and manifest.verification.mask_sha256 != bits_sha256(bits.numpy().tobytes()):
+            raise MaskError(source, "verification.mask_sha256", "the digest of this file's mask bits",
+                            "a certificate for other bits")
         unpacked = unpack_bits(bits.numpy(), bits.shape[1] * 8)
         if unpacked[:, manifest.intermediate_size :].any():
             raise MaskError(source, BITS_KEY, "zero padding bits past intermediate_size", "set padding bits")

@@ -20,7 +20,12 @@ _OPTION_FOR = {"model": "--model", "tokenizer": "--model", "targets": "--records
 
 @click.command()
 @click.argument("scores", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--tenant", required=True)
+@click.option("--tenant", required=True, help="the tenant the mask is served to")
+@click.option("--forget", multiple=True, metavar="SELECTOR",
+              help="records to forget, e.g. 'tenant!=acme' or 'tenant=acme,kind=phone' (repeat: any of them; "
+                   "default: the tenant's own records)")
+@click.option("--keep", multiple=True, metavar="SELECTOR",
+              help="records to keep, e.g. 'tenant=acme' (repeat: any of them; default: every record not forgotten)")
 @click.option("--method", "method_name", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True,
               help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
 @setting(VoteSettings, "threshold", help="vote: a record votes for neurons scoring >= threshold x its maximum")
@@ -40,13 +45,16 @@ _OPTION_FOR = {"model": "--model", "tokenizer": "--model", "targets": "--records
 @click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="budgeted mode: write the search report (JSON) here")
 @out_file()
-def aggregate(scores: Path, tenant: str, method_name: str, top_z: int | None, model_dir: Path | None,
+def aggregate(scores: Path, tenant: str, forget: tuple[str, ...], keep: tuple[str, ...], method_name: str,
+              top_z: int | None, model_dir: Path | None,
               records_path: Path | None, keep_text_path: Path | None, target_exposure: float | None,
               ppl_budget: float | None, valid_path: Path | None, report_path: Path | None, out: Path,
               **method_options) -> None:
-    """Turn a tenant's scores into its mask: fitted (default), top-z by votes, a baseline, or (budgeted) the fewest
-    neurons of the method's order that stop the leaks within a perplexity budget."""
+    """Turn scores into a mask served to TENANT: by default it forgets the tenant's own records (DEPN); --forget and
+    --keep choose any records. Fitted (default), top-z by votes, a baseline, or (budgeted) the fewest neurons of
+    the method's order that stop the leaks within a perplexity budget."""
     from depn_serve.core.records import read_texts
+    from depn_serve.core.selectors import MaskPolicy
     from depn_serve.selection import inputs_from_files, select
     from depn_serve.selection.budget import budgeted_selection
 
@@ -63,7 +71,8 @@ def aggregate(scores: Path, tenant: str, method_name: str, top_z: int | None, mo
                             "(and no --top-z)")
         budget = BudgetSettings(target_exposure=target_exposure, ppl_budget=ppl_budget)
 
-    inputs = inputs_from_files(scores, tenant, model_dir, records_path, keep_text_path)
+    policy = MaskPolicy(tenant=tenant, forget=forget or (f"tenant={tenant}",), keep=keep)
+    inputs = inputs_from_files(policy, scores, model_dir, records_path, keep_text_path)
     with progress(f"selecting ({method.name})") as bar:
         chosen = select(inputs, method.name, settings_from(method.settings, method_options), top_z, bar)
     console.print(chosen.summary())
@@ -81,7 +90,7 @@ def aggregate(scores: Path, tenant: str, method_name: str, top_z: int | None, mo
         verdict = "all protected" if report.all_protected else f"still leaking: {', '.join(report.unprotected)}"
         console.print(f"{report.neurons} of {report.candidates} candidate neurons; perplexity {report.ppl_before:.2f}"
                       f" -> {report.ppl_after:.2f} ({report.ppl_change_pct:+.1f} %); {verdict}; {report.seconds:.0f} s")
-    mask = chosen.to_mask(inputs, tenant)
+    mask = chosen.to_mask(inputs)
     mask.save(out)
     m = mask.manifest
     console.print(f"mask for tenant {tenant!r} ({m.provenance.method}): {m.neuron_count} neurons from "

@@ -32,9 +32,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from depn_serve.cli import aggregate, bench, demo, detect, evaluate, masks, serve, study, tenants, testbed
+    from depn_serve.cli import (aggregate, bench, demo, detect, evaluate, isolate, masks, serve, study, tenants,
+                                testbed)
 
-    for module in (testbed, detect, aggregate, masks, evaluate, serve, tenants, demo, study, bench):
+    for module in (testbed, detect, aggregate, isolate, masks, evaluate, serve, tenants, demo, study, bench):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -36,6 +36,10 @@ def inspect(mask_path: Path, as_json: bool, plot: Path | None) -> None:
         share = 100 * m.neuron_count / (m.num_layers * m.intermediate_size)
         console.print(f"{m.neuron_count} neurons masked ({share:.2f} %), method {m.provenance.method}, "
                       f"{m.provenance.records} records, created {m.provenance.created_at:%Y-%m-%d %H:%M} UTC")
+        if m.provenance.policy is not None:
+            console.print(f"policy {m.provenance.policy.describe()}")
+        console.print(m.verification.summary() if m.verification else "not verified (run `depn verify`)",
+                      markup=False)
         peak = max(m.neurons_per_layer) or 1
         for layer, count in enumerate(m.neurons_per_layer):
             console.print(f"  layer {layer:>3} {count:>6}  {'█' * round(40 * count / peak)}")
@@ -68,6 +72,7 @@ def push(server: str, token_file: Path, tenant: str, mask_path: Path, mask_id: s
     result = _client(server, token_file).push(tenant, mask_id or mask_path.stem, mask_path)
     click.echo(f"pushed {result.mask} v{result.version} ({result.neurons} neurons) to {result.tenant}; "
                f"tenant now masks {result.tenant_neurons} neurons")
+    click.echo(result.verification)
 
 
 @masks.command("list")
@@ -82,10 +87,10 @@ def list_(server: str, token_file: Path, as_json: bool) -> None:
         click.echo(listing.model_dump_json(indent=2))
         return
     table = Table(title=f"{listing.resident} of {listing.slots} mask slots resident")
-    for column in ("tenant", "masks (id vN: neurons)", "masked neurons", "resident", "unmasked allowed"):
+    for column in ("tenant", "masks (id vN: neurons, verification)", "masked neurons", "resident", "unmasked allowed"):
         table.add_column(column)
     for t in listing.tenants:
-        masks_desc = ", ".join(f"{m.id} v{m.version}: {m.neurons}" for m in t.masks) or "-"
+        masks_desc = ", ".join(f"{m.id} v{m.version}: {m.neurons}, {m.verification}" for m in t.masks) or "-"
         table.add_row(t.tenant, masks_desc, str(t.masked_neurons), "yes" if t.resident else "no",
                       "yes" if t.allow_unmasked else "no")
     console.print(table)

@@ -27,14 +27,15 @@ class ServerProcess:
     """`depn serve` on loopback; `start` returns once /health answers 200, `stop` terminates it."""
 
     def __init__(self, model: Path, tenants: Path, mask_store: Path, admin_token_file: Path, log: Path,
-                 vllm_options: tuple[str, ...] = SMALL_CPU_OPTIONS, max_mask_slots: int = 64):
+                 vllm_options: tuple[str, ...] = SMALL_CPU_OPTIONS, max_mask_slots: int = 64,
+                 allow_unverified: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         depn = shutil.which("depn", path=str(Path(sys.executable).parent)) or "depn"
         self.command = [depn, "serve", "--model", str(model), "--tenants", str(tenants),
                         "--mask-store", str(mask_store), "--admin-token-file", str(admin_token_file),
                         "--max-mask-slots", str(max_mask_slots), "--host", "127.0.0.1", "--port", str(self.port),
-                        *vllm_options]
+                        *(["--allow-unverified"] if allow_unverified else []), *vllm_options]
         self.log_path = Path(log)
         self.proc: subprocess.Popen | None = None
         self._model_id: str | None = None

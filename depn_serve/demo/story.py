@@ -9,6 +9,7 @@ from pathlib import Path
 from depn_serve.core.console import console, progress
 from depn_serve.core.fileio import atomic_write_text
 from depn_serve.core.records import load_records
+from depn_serve.core.selectors import MaskPolicy
 from depn_serve.demo.side_by_side import serve_side_by_side
 from depn_serve.detection import detect_to_file
 from depn_serve.evaluation.figures import plot_exposure, plot_mask_layers
@@ -43,11 +44,11 @@ def run_demo(workdir: Path, profile: str, seed: int, tenant: str | None, method_
 
     mask_path = workdir / f"mask-{tenant}.safetensors"
     console.print(f"    selecting with {chosen_method.name}: {chosen_method.description}")
-    inputs = inputs_from_files(scores_path, tenant, model_dir, records_path, bed / "train.txt")
+    inputs = inputs_from_files(MaskPolicy.own_records(tenant), scores_path, model_dir, records_path, bed / "train.txt")
     with progress(f"selecting ({chosen_method.name})") as bar:
         chosen = select(inputs, chosen_method.name, size=top_z, bar=bar)
     console.print(f"    {chosen.summary()}")
-    mask = chosen.to_mask(inputs, tenant)
+    mask = chosen.to_mask(inputs)
     mask.save(mask_path)
     plot_mask_layers(mask, workdir / f"mask-{tenant}-layers.png")
     console.print(f"[bold]3/5[/] mask: {mask.manifest.neuron_count} neurons, per layer "

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from depn_serve.artifacts.mask import NeuronMask  # noqa: E402
 from depn_serve.core.fileio import atomic_write_bytes  # noqa: E402
+from depn_serve.evaluation.matrix import IsolationMatrix  # noqa: E402
 from depn_serve.evaluation.report import EvalReport  # noqa: E402
 
 
@@ -56,4 +57,28 @@ def plot_exposure(report: EvalReport, path: Path) -> None:
         ax.set_ylabel(f"exposure after: {state.name} (bits)")
         ax.set_title(f"{state.name}: {state.neurons} neurons, PPL {state.valid_ppl:.2f}")
         ax.legend(loc="upper left", fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_matrix(matrix: IsolationMatrix, path: Path) -> None:
+    """Heatmaps of the cross-tenant matrix (greedy and sampled extraction): rows request, columns own."""
+    panels = [("greedy extraction", "greedy")]
+    if any(c.sampled is not None for c in matrix.cells):
+        panels.append((f"sampled ({matrix.settings.samples} at T = {matrix.settings.temperature:g})", "sampled"))
+    rows, cols = matrix.requesters, matrix.owners
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.3 * len(cols) * len(panels), 1.2 + 0.6 * len(rows)),
+                             squeeze=False)
+    for ax, (title, attr) in zip(axes[0], panels):
+        values = [[getattr(matrix.cell(r, c), attr) or 0.0 for c in cols] for r in rows]
+        ax.imshow(values, cmap="Reds", vmin=0, vmax=1)
+        for i, row in enumerate(values):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{100 * value:.0f} %", ha="center", va="center",
+                        color="white" if value > 0.5 else "black")
+        ax.set_xticks(range(len(cols)), cols)
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_xlabel("whose records")
+        ax.set_ylabel("requesting key")
+        ax.set_title(title)
+    fig.suptitle(f"cross-tenant extraction ({matrix.path})")
     save_figure(fig, path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -11,8 +10,9 @@ from pydantic import BaseModel, Field
 
 from depn_serve.core.batching import pad, pad_id_of
 from depn_serve.core.records import DIGIT_KINDS, PrivateRecord, encode_record
+from depn_serve.evaluation.attacks import AttackSettings, ModelOracle, RecordAttack, run_attacks
 from depn_serve.evaluation.exposure import digit_token_ids, exposure
-from depn_serve.evaluation.generation import greedy_extraction, greedy_generate, sample_generate
+from depn_serve.evaluation.generation import greedy_generate
 
 
 class RecordResult(BaseModel):
@@ -26,7 +26,8 @@ class RecordResult(BaseModel):
     exposure: float | None = None  # digit kinds only
     exposure_method: str | None = None
     exposure_rank: int | None = None
-    # Robustness (only with EvalSettings.robustness): held-out paraphrase prompts and sampling.
+    # Robustness (only with EvalSettings.robustness): the attack suite (near misses count) and paraphrase exposure.
+    attacks: dict[str, float] | None = None  # attack -> share of its tries that reproduced the secret
     paraphrase_extraction: float | None = None  # share of the record's paraphrase prompts that extract it
     paraphrase_exposure: float | None = None  # mean exposure over its paraphrase prompts (digit kinds)
     sampled_extraction: dict[str, float] | None = None  # temperature -> share of samples reproducing the secret
@@ -37,9 +38,11 @@ class EvalSettings(BaseModel):
     exposure_max_frontier: int = Field(4096, ge=1, description="largest pruned frontier of the exact rank search")
     ppl_max_len: int = 256
     batch_size: int = 32
-    robustness: bool = Field(False, description="also paraphrase prompts and sampled extraction")
+    robustness: bool = Field(False, description="also the attack suite (paraphrases, sampling, the logprob beam) and "
+                                                "paraphrase exposure")
     sample_temperatures: tuple[float, ...] = (0.7, 1.0)
     samples: int = Field(10, ge=1, description="with --robustness: samples per record and temperature")
+    beam_width: int = Field(20, ge=0, description="with --robustness: width of the top-20-logprob beam (0: none)")
 
 
 @torch.no_grad()
@@ -53,6 +56,14 @@ def record_results(
     longest = max(len(s) for _, s in encoded)
     continuations = greedy_generate(model, [p for p, _ in encoded], longest, pad_id_of(tokenizer))
     digits = digit_token_ids(tokenizer) if any(r.kind in DIGIT_KINDS for r in records) else []
+    attacked = {}
+    if settings.robustness:
+        robust = [r for r in records if robust_ids is None or r.id in robust_ids]
+        attack_settings = AttackSettings(contexts=0, samples=settings.samples if settings.sample_temperatures else 0,
+                                         temperatures=settings.sample_temperatures, beam_width=settings.beam_width,
+                                         exposure=False)
+        report = run_attacks(ModelOracle(model, tokenizer), tokenizer, robust, (), (), attack_settings)
+        attacked = {r.id: r for r in report.records}
     results = []
     for record, (prompt_ids, secret_ids), continuation in zip(records, encoded, continuations):
         ids = torch.tensor([prompt_ids + secret_ids], device=device)
@@ -74,8 +85,8 @@ def record_results(
                 samples=settings.exposure_samples, max_frontier=settings.exposure_max_frontier, seed_key=record.id,
             )
             result.exposure, result.exposure_method, result.exposure_rank = exp.exposure, exp.method, exp.rank
-        if settings.robustness and (robust_ids is None or record.id in robust_ids):
-            _robustness(model, tokenizer, record, result, digits, settings)
+        if record.id in attacked:
+            _robustness(model, tokenizer, record, result, digits, settings, attacked[record.id])
         results.append(result)
         if progress:
             progress()
@@ -83,26 +94,20 @@ def record_results(
 
 
 def _robustness(model, tokenizer, record: PrivateRecord, result: RecordResult, digits: list[int],
-                settings: EvalSettings) -> None:
-    """Does the secret still come out when the prompt is reworded, or when decoding samples instead of argmax?"""
-    if record.paraphrases:
-        extracted = greedy_extraction(model, tokenizer, [record] * len(record.paraphrases), record.paraphrases)
-        result.paraphrase_extraction = sum(extracted) / len(extracted)
-        if record.kind in DIGIT_KINDS:
-            values = []
-            for index, prompt in enumerate(record.paraphrases):
-                prompt_ids, secret_ids = encode_record(tokenizer, record, prompt)
-                values.append(exposure(model, prompt_ids, secret_ids, digits, samples=settings.exposure_samples,
-                                       max_frontier=settings.exposure_max_frontier,
-                                       seed_key=f"{record.id}:{index}").exposure)
-            result.paraphrase_exposure = sum(values) / len(values)
-    prompt_ids, secret_ids = encode_record(tokenizer, record)
-    result.sampled_extraction = {}
-    for temperature in settings.sample_temperatures:
-        rows = sample_generate(model, [prompt_ids], len(secret_ids), pad_id_of(tokenizer), temperature,
-                               settings.samples, seed=zlib.crc32(record.id.encode()))
-        hits = [row[: len(secret_ids)] == secret_ids for row in rows[0]]
-        result.sampled_extraction[f"{temperature:g}"] = sum(hits) / len(hits)
+                settings: EvalSettings, attacked: RecordAttack) -> None:
+    """Does the secret still come out when the prompt is reworded, when decoding samples instead of taking the
+    argmax, or to a beam over the top log-probabilities? (The attack suite's figures, plus paraphrase exposure.)"""
+    result.attacks = {name: attacked.hits[name] / n for name, n in attacked.tries.items() if n}
+    result.paraphrase_extraction = result.attacks.get("paraphrase")
+    result.sampled_extraction = {f"{t:g}": result.attacks[f"sample@{t:g}"] for t in settings.sample_temperatures
+                                 if f"sample@{t:g}" in result.attacks} or None
+    if record.paraphrases and record.kind in DIGIT_KINDS:
+        values = []
+        for index, prompt in enumerate(record.paraphrases):
+            prompt_ids, secret_ids = encode_record(tokenizer, record, prompt)
+            values.append(exposure(model, prompt_ids, secret_ids, digits, samples=settings.exposure_samples,
+                                   max_frontier=settings.exposure_max_frontier, seed_key=f"{record.id}:{index}").exposure)
+        result.paraphrase_exposure = sum(values) / len(values)
 
 
 @torch.no_grad()

@@ -1,9 +1,10 @@
 """Selection: which neurons a mask switches off. One registry of methods, each a settings model plus one ranking
 function; a mask is a prefix of a method's ranking (its own size, a fixed size, or a budgeted search's choice).
 
-    inputs = inputs_from_files(scores, tenant, model_dir, records, keep_text)   # or SelectionInputs(...)
+    policy = MaskPolicy.isolation("acme")            # or MaskPolicy(tenant=..., forget=(...), keep=(...))
+    inputs = inputs_from_files(policy, scores, model_dir, records, keep_text)   # or SelectionInputs(...)
     chosen = select(inputs, "fit")                                             # -> Selection
-    chosen.to_mask(inputs, tenant).save(path)
+    chosen.to_mask(inputs).save(path)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ _MODEL = ("model", "tokenizer", "targets")
 # The first method is the default everywhere (README, "Specificity").
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fit", "gates fitted to forget the target's secrets and keep other records and text (depn-serve's "
-           "default)", fit.FitSettings, fit.rank, "depn-fit", ("scores", *_MODEL, "keep_texts")),
+           "default)", fit.FitSettings, fit.rank, "depn-fit", (*_MODEL, "keep_texts")),
     Method("vote", "DEPN: integrated gradients, records vote, top-z by votes", vote.VoteSettings, vote.rank,
            "depn-vote", ("scores",)),
     Method("contrast", "integrated gradients normalized per record, target mean minus other tenants' mean, top-z",

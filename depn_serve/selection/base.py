@@ -17,11 +17,13 @@ from pydantic import BaseModel
 
 from depn_serve.artifacts.mask import MaskProvenance, NeuronMask, first_n
 from depn_serve.artifacts.scores import ScoresFile
-from depn_serve.core.arch import MlpShape, load_model
+from depn_serve.core.arch import MlpShape, load_model, mlp_shape, read_config
 from depn_serve.core.console import Bar
 from depn_serve.core.errors import DepnError
-from depn_serve.core.fingerprint import ModelFingerprint
-from depn_serve.core.records import PrivateRecord, RecordsError, load_records, read_texts
+from depn_serve.core.fileio import file_sha256
+from depn_serve.core.fingerprint import ModelFingerprint, model_fingerprint
+from depn_serve.core.records import PrivateRecord, load_records, read_texts
+from depn_serve.core.selectors import MaskPolicy
 
 # Default mask size of the methods without one of their own: DEPN's 1 % of the model's MLP neurons.
 DEFAULT_SIZE_FRACTION = 0.01
@@ -45,6 +47,7 @@ class SelectionInputs:
     model: Any = None
     tokenizer: Any = None
     records_sha256: str | None = None
+    policy: MaskPolicy | None = None  # saved with the mask (default: forget the tenant's own records)
 
     def need(self, method: str, *parts: str) -> None:
         missing = [p for p in parts if getattr(self, p) is None or getattr(self, p) == []]
@@ -99,9 +102,15 @@ class Selection:
         details = ", ".join(f"{k} {_short(v)}" for k, v in self.info.items())
         return f"{self.label}: {self.neurons} neurons in {self.seconds:.0f} s ({details})"
 
-    def to_mask(self, inputs: SelectionInputs, tenant: str) -> NeuronMask:
+    def to_mask(self, inputs: SelectionInputs, tenant: str | None = None) -> NeuronMask:
+        """The mask file's content; served to `tenant` (default: the policy's)."""
+        if tenant is None:
+            if inputs.policy is None:
+                raise DepnError("a mask needs a tenant to be served to (no policy given)")
+            tenant = inputs.policy.tenant
         provenance = MaskProvenance(
-            method=self.label, records_sha256=inputs.records_sha256, records=len(inputs.target_ids),
+            method=self.label, policy=inputs.policy, records_sha256=inputs.records_sha256,
+            records=len(inputs.target_ids),
             detector=inputs.scores.manifest.detector_params() if inputs.scores is not None else {},
             aggregator={**self.settings.model_dump(), **self.info, "seconds": round(self.seconds, 1)},
         )
@@ -116,23 +125,41 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def inputs_from_files(scores_path: Path, tenant: str, model_dir: Path | None = None, records_path: Path | None = None,
-                      keep_text_path: Path | None = None, device: str = "cpu") -> SelectionInputs:
-    """One tenant's inputs from files: its scored records, and (when given) the model the scores came from, its
-    records in full with every other tenant's as the ones to keep, and ordinary text to keep."""
-    scores = ScoresFile(scores_path)
-    inputs = SelectionInputs(shape=scores.manifest.shape, fingerprint=scores.manifest.model_fingerprint,
-                             target_ids=scores.record_ids(tenant), scores=scores,
-                             records_sha256=scores.manifest.records_sha256)
+def inputs_from_files(policy: MaskPolicy, scores_path: Path | None = None, model_dir: Path | None = None,
+                      records_path: Path | None = None, keep_text_path: Path | None = None,
+                      device: str = "cpu") -> SelectionInputs:
+    """A policy's inputs from files: the scored records (when given), the model (the one the scores came from),
+    the records to forget and to keep as the policy selects them, and ordinary text to keep.
+
+    Without a records file only DEPN's own-records policy can be resolved (from the tenants in the scores file).
+    """
+    if scores_path is None and model_dir is None:
+        raise DepnError("selection needs a scores file or a model")
+    scores = ScoresFile(scores_path) if scores_path is not None else None
+    if scores is not None:
+        shape, fingerprint = scores.manifest.shape, scores.manifest.model_fingerprint
+        records_sha256 = scores.manifest.records_sha256
+    else:
+        shape, fingerprint = mlp_shape(read_config(model_dir)), model_fingerprint(model_dir)
+        records_sha256 = file_sha256(records_path) if records_path is not None else None
+    inputs = SelectionInputs(shape=shape, fingerprint=fingerprint, target_ids=[], scores=scores,
+                             records_sha256=records_sha256, policy=policy)
     if model_dir is not None:
-        scores.check_model(model_dir)
+        if scores is not None:
+            scores.check_model(model_dir)
         inputs.model, inputs.tokenizer = load_model(model_dir, device)
     if records_path is not None:
-        records = load_records(records_path)
-        inputs.targets = [r for r in records if r.tenant == tenant]
-        inputs.keep_records = [r for r in records if r.tenant != tenant]
-        if not inputs.targets:
-            raise RecordsError(f"{records_path}: no records of tenant {tenant!r}")
+        inputs.targets, inputs.keep_records = policy.split(load_records(records_path), str(records_path))
+        inputs.target_ids = [r.id for r in inputs.targets]
+        if scores is not None:
+            unscored = sorted(set(inputs.target_ids) - set(scores.record_ids()))
+            if unscored:
+                raise DepnError(f"{scores_path}: records to forget were not scored: {unscored[:5]}"
+                                f"{' ...' if len(unscored) > 5 else ''} (run `depn detect` on them)")
+    elif policy == MaskPolicy.own_records(policy.tenant) and scores is not None:
+        inputs.target_ids = scores.record_ids(policy.tenant)
+    else:
+        raise DepnError(f"the policy ({policy.describe()}) needs the records file (--records)")
     if keep_text_path is not None:
         inputs.keep_texts = read_texts(keep_text_path)
     return inputs

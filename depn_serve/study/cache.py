@@ -38,7 +38,7 @@ def cached_mask(bed: Bed, method: str, targets: Sequence[PrivateRecord], cache_d
     settings_cls = selection_method(method).settings
     settings = settings_cls(**({"seed": seed} if "seed" in settings_cls.model_fields else {}))
     inputs = bed.inputs(targets, cache_dir)
-    mask = select(inputs, method, settings, size).to_mask(inputs, "+".join(sorted({r.tenant for r in targets})))
+    mask = select(inputs, method, settings, size).to_mask(inputs)
     mask.save(path)
     return mask
 

@@ -17,6 +17,7 @@ from depn_serve.core.errors import DepnError
 from depn_serve.core.fileio import atomic_write_text
 from depn_serve.core.fingerprint import ModelFingerprint, model_fingerprint
 from depn_serve.core.records import PrivateRecord, load_records, read_texts
+from depn_serve.core.selectors import MaskPolicy
 from depn_serve.detection import detect_to_file
 from depn_serve.evaluation.metrics import EvalSettings
 from depn_serve.evaluation.report import StateResult, evaluate_state
@@ -115,10 +116,13 @@ class Bed:
         are what the mask must keep."""
         target_ids = {r.id for r in targets}
         scores = self.scores(cache_dir)
+        policy = MaskPolicy(tenant="+".join(sorted({r.tenant for r in targets})),
+                            forget=(f"id={'|'.join(sorted(target_ids))}",))
         return SelectionInputs(
             shape=self.shape, fingerprint=self.fingerprint, target_ids=[r.id for r in targets], targets=list(targets),
             keep_records=[r for r in self.records if r.id not in target_ids], keep_texts=self.train_texts,
             scores=scores, model=self.model, tokenizer=self.tokenizer, records_sha256=scores.manifest.records_sha256,
+            policy=policy,
         )
 
 

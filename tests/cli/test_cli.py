@@ -80,3 +80,62 @@ def test_errors_are_clear(tmp_path, tiny_model_dir, tiny_records_file):
     bad.write_bytes(b"\x00" * 20)
     res = _run("masks", "inspect", bad)
     assert res.exit_code != 0 and str(bad) in res.output and "'file'" in res.output
+
+
+def test_isolate_verify_and_the_matrix(tmp_path, tiny_model_dir, tiny_records_file):
+    from depn_serve.core.records import write_texts
+    from tests.helpers import TEXTS
+
+    text = tmp_path / "text.txt"
+    write_texts(TEXTS[:3], text)
+    out = tmp_path / "isolation"
+    fast = ["--fit-steps", 3, "--fit-rounds", 2, "--attack-samples", 2, "--beam-width", 3]
+    res = _run("isolate", "--model", tiny_model_dir, "--records", tiny_records_file, "--keep-text", text,
+               "--valid", text, "--out", out, *fast)
+    report = json.loads((out / "isolation.json").read_text())
+    assert [row["tenant"] for row in report["tenants"]] == ["acme", "globex"]
+    assert res.exit_code == (0 if all(row["passed"] for row in report["tenants"]) else 1), res.output
+    assert "isolation masks (fit design)" in res.output and "s per tenant" in res.output
+    for tenant, other in (("acme", "globex"), ("globex", "acme")):
+        mask = NeuronMask.load(out / f"{tenant}.safetensors")
+        v = mask.manifest.verification
+        assert mask.manifest.tenant == tenant and v.policy.forget == (f"tenant!={tenant}",)
+        assert {r.tenant for r in v.forget()} == {other} and {r.tenant for r in v.keep()} == {tenant}
+        assert v.attacks["samples"] == 2 and {"greedy", "sample@1", "beam", "substitution"} <= set(v.forget()[0].tries)
+
+    # verify: any mask, any policy; the certificate replaces the old one; exit 1 when it fails.
+    checked = tmp_path / "checked.safetensors"
+    res = _run("verify", out / "acme.safetensors", "--model", tiny_model_dir, "--records", tiny_records_file,
+               "--valid", text, "--forget", "kind=phone", "--out", checked, "--attack-samples", 2)
+    v = NeuronMask.load(checked).manifest.verification
+    assert [r.id for r in v.forget()] == ["p1"] and {r.id for r in v.keep()} == {"n1", "e1", "i1"}
+    assert res.exit_code == (0 if v.passed else 1) and "certificate written into" in res.output
+    res = _run("verify", out / "acme.safetensors", "--model", tiny_model_dir, "--records", tiny_records_file,
+               "--valid", text, "--keep", "kind=phone")
+    assert res.exit_code == 1 and "--keep needs --forget" in res.output
+
+    plot, matrix_json = tmp_path / "matrix.png", tmp_path / "matrix.json"
+    res = _run("eval", "--model", tiny_model_dir, "--records", tiny_records_file, "--matrix", out, "--samples", 2,
+               "--plot", plot, "--json", matrix_json)
+    assert res.exit_code == 0, res.output
+    matrix = json.loads(matrix_json.read_text())
+    assert matrix["requesters"] == ["(no mask)", "acme", "globex"] and matrix["owners"] == ["acme", "globex"]
+    assert len(matrix["cells"]) == 6 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_aggregate_with_a_policy(tmp_path, tiny_model_dir, tiny_records_file):
+    scores = tmp_path / "scores.safetensors"
+    assert _run("detect", "--model", tiny_model_dir, "--records", tiny_records_file, "--steps", 2,
+                "--out", scores).exit_code == 0
+    mask_path = tmp_path / "m.safetensors"
+    res = _run("aggregate", scores, "--tenant", "acme", "--forget", "tenant!=acme", "--keep", "tenant=acme",
+               "--method", "vote", "--records", tiny_records_file, "--out", mask_path)
+    assert res.exit_code == 0, res.output
+    manifest = NeuronMask.load(mask_path).manifest
+    assert manifest.provenance.policy.forget == ("tenant!=acme",) and manifest.provenance.records == 2
+    res = _run("aggregate", scores, "--tenant", "acme", "--forget", "tenant!=acme", "--method", "vote",
+               "--out", mask_path)
+    assert res.exit_code == 1 and "needs the records file (--records)" in res.output
+    res = _run("aggregate", scores, "--tenant", "acme", "--forget", "owner=x", "--method", "vote",
+               "--records", tiny_records_file, "--out", mask_path)
+    assert res.exit_code == 1 and "field 'owner'" in res.output

@@ -20,8 +20,9 @@ def test_paraphrase_and_sampling_metrics(ci_testbed):
     for record, result in zip(chosen, results):
         assert result.paraphrase_extraction is not None and 0 <= result.paraphrase_extraction <= 1
         assert (result.paraphrase_exposure is not None) == (record.kind in DIGIT_KINDS)
-        # Sampling at a vanishing temperature is greedy decoding.
-        assert result.sampled_extraction["0.0001"] == float(result.extracted)
+        # Sampling at a vanishing temperature is greedy decoding (near misses count in both).
+        assert result.sampled_extraction["0.0001"] == result.attacks["greedy"]
+        assert result.attacks["greedy"] >= float(result.extracted) and 0 <= result.attacks["beam"] <= 1
     summary = summarize(results)
     print(summary.model_dump_json())
     assert summary.extraction > 0.5

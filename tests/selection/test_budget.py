@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from depn_serve.core.selectors import MaskPolicy
 from depn_serve.artifacts.mask import first_n
 from depn_serve.core.arch import load_model, mlp_shape
 from depn_serve.core.fingerprint import model_fingerprint
@@ -50,7 +51,7 @@ def test_unreachable_target_reports_what_still_leaks(tiny_model_dir):
 def test_budgeted_mask_is_the_smallest_prefix_that_protects(ci_testbed, ci_mask):
     tenant, mask_path = ci_mask
     # The vote order over all the tenant's scored records; the search protects its phone records.
-    inputs = inputs_from_files(mask_path.parent / "scores.safetensors", tenant,
+    inputs = inputs_from_files(MaskPolicy.own_records(tenant), mask_path.parent / "scores.safetensors",
                                records_path=ci_testbed / "records.jsonl")
     order = select(inputs, "vote").order
     records = [r for r in inputs.targets if r.kind == "phone"]

@@ -5,6 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from depn_serve.core.selectors import MaskPolicy
 from depn_serve.cli import main
 from depn_serve.core.arch import hooked, load_model
 from depn_serve.core.records import encode_record, read_texts
@@ -56,7 +57,7 @@ def test_fit_mechanics_on_a_tiny_model(tiny_model_dir):
     model, tokenizer = load_model(tiny_model_dir)
     targets = [r for r in TINY_RECORDS if r.tenant == "acme"]
     keep = [r for r in TINY_RECORDS if r.tenant != "acme"]
-    gates, result = fit_gates(model, tokenizer, targets, keep, TEXTS[1:2], FitSettings(steps=5, lr=0.2, floor=1e-4))
+    gates, result = fit_gates(model, tokenizer, targets, keep, TEXTS[1:2], FitSettings(steps=5, lr=0.2, floor=1e-4, sparsity=0, rounds=1))
     assert gates.shape == (3, 96) and float(gates.min()) >= 0 and float(gates.max()) <= 1
     assert len(result.trace) == 5 and result.trace[-1].forget < result.trace[0].forget
     assert all(p.requires_grad is False for p in model.parameters())  # the model itself is never trained
@@ -83,8 +84,8 @@ def test_fitted_mask_is_specific_on_the_ci_testbed(ci_testbed, ci_mask):
     tenant, mask_path = ci_mask
     # Targets: the tenant's records; kept: every other tenant's; ordinary text: train.txt (minus the targets'
     # secrets); ties broken by the tenant's summed integrated-gradient scores.
-    inputs = inputs_from_files(mask_path.parent / "scores.safetensors", tenant, ci_testbed / "model",
-                               ci_testbed / "records.jsonl", ci_testbed / "train.txt")
+    inputs = inputs_from_files(MaskPolicy.own_records(tenant), mask_path.parent / "scores.safetensors",
+                               ci_testbed / "model", ci_testbed / "records.jsonl", ci_testbed / "train.txt")
     model, tokenizer, targets, others = inputs.model, inputs.tokenizer, inputs.targets, inputs.keep_records
     assert targets and others and all(r.tenant == tenant for r in targets)
     assert not any(r.tenant == tenant for r in others)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
+from depn_serve.core.selectors import MaskPolicy
 from depn_serve.artifacts.mask import NeuronMask, first_n
 from depn_serve.artifacts.scores import ScoresFile
 from depn_serve.core.errors import DepnError
@@ -30,14 +31,15 @@ def scores_path(tiny_model_dir, tiny_records_file, tmp_path_factory):
 def inputs(scores_path, tiny_model_dir, tiny_records_file):
     keep_text = scores_path.parent / "keep.txt"
     write_texts(TEXTS[:3], keep_text)
-    inputs = inputs_from_files(scores_path, TENANT, tiny_model_dir, tiny_records_file, keep_text)
+    inputs = inputs_from_files(MaskPolicy.own_records(TENANT), scores_path, tiny_model_dir, tiny_records_file,
+                               keep_text)
     assert sorted(inputs.target_ids) == ["n1", "p1"] and [r.id for r in inputs.keep_records] == ["e1", "i1"]
     return inputs
 
 
 def _quick(name: str) -> BaseModel:
     """The method's default settings; the fit with few steps, so the test stays fast."""
-    return FitSettings(steps=3) if name == "fit" else METHODS[name].settings()
+    return FitSettings(steps=3, rounds=1) if name == "fit" else METHODS[name].settings()
 
 
 def test_registry_entries():
@@ -70,7 +72,7 @@ def test_every_method_selects_a_prefix_of_its_order_and_saves_a_mask(name, input
     assert torch.equal(sized.off, first_n(sized.order, 5, dims))
 
     path = tmp_path / f"{name}.safetensors"
-    sized.to_mask(inputs, TENANT).save(path)
+    sized.to_mask(inputs).save(path)
     loaded = NeuronMask.load(path)
     assert torch.equal(loaded.off, sized.off) and loaded.manifest.neuron_count == 5
     assert loaded.manifest.tenant == TENANT
@@ -105,7 +107,7 @@ def test_unknown_method_names_the_known_ones(inputs):
 
 
 def test_missing_inputs_and_bad_size_are_refused(scores_path, inputs):
-    scores_only = inputs_from_files(scores_path, TENANT)
+    scores_only = inputs_from_files(MaskPolicy.own_records(TENANT), scores_path)
     with pytest.raises(DepnError, match=r"'fit' needs .*model"):
         select(scores_only, "fit", FitSettings(steps=1))
     with pytest.raises(DepnError, match=r"'kn' needs .*model"):

@@ -41,6 +41,7 @@ class PushResult(_Body):
     version: int  # the mask id's version, bumped on every push
     neurons: int  # neurons the pushed mask switches off
     tenant_neurons: int  # neurons the tenant's masks switch off together (what its requests now run with)
+    verification: str = Field(description="the certificate's summary, or why the mask is served without one")
 
 
 class DropResult(_Body):
@@ -57,6 +58,7 @@ class ListedMask(_Body):
     version: int
     neurons: int
     built_for: str = Field(description="the tenant named in the mask's own manifest")
+    verification: str = Field("none", description="'passed', 'failed' or 'none' (no certificate)")
 
 
 class TenantListing(_Body):

@@ -35,6 +35,11 @@ class DepnMetrics:
             "depn_requests_refused", "Requests refused before reaching the engine, by HTTP status", ["reason"],
             registry=registry,
         )
+        self.unverified = Gauge(
+            "depn_unverified_masks_in_use",
+            "Masks in use without a passing verification certificate (only with --allow-unverified)",
+            registry=registry,
+        )
         self.worker_status: dict = {}
         registry.register(_WorkerCollector(self))
 

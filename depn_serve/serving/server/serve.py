@@ -4,6 +4,7 @@ depn-serve's hooks (tenant auth, admin routes, per-request masks) from the vLLM 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def serve(
     max_mask_slots: int,
     metrics_max_tenants: int,
     vllm_argv: list[str],
+    allow_unverified: bool = False,
 ) -> None:
     import depn_serve_patches
 
@@ -56,7 +58,11 @@ def serve(
         shape=mlp_shape(config),
         admin_token=read_admin_token(admin_token_file),
         metrics=DepnMetrics(hooks.prometheus_registry(), metrics_max_tenants),
+        allow_unverified=allow_unverified,
     )
+    if allow_unverified:
+        logging.getLogger("depn_serve.serving").warning(
+            "depn-serve: --allow-unverified: masks without a passing verification certificate will be served")
     try:
         state.prepare()
     except Refused as exc:

@@ -64,6 +64,7 @@ class ServingState:
         shape: MlpShape,
         admin_token: str,
         metrics: DepnMetrics,
+        allow_unverified: bool = False,
     ):
         self.tenants_path = Path(tenants_path)
         self.store = store
@@ -71,6 +72,7 @@ class ServingState:
         self.shape = shape
         self._admin_digest = hashlib.sha256(admin_token.encode()).digest()
         self.metrics = metrics
+        self.allow_unverified = allow_unverified
         self.tenants = TenantsConfig.load(self.tenants_path)
         self._tenants_mtime = self.tenants_path.stat().st_mtime_ns
         self.unions: dict[str, MaskUnion] = {}
@@ -127,6 +129,7 @@ class ServingState:
                 self.store.path(mask_id)  # validates the id
                 mask = NeuronMask.from_bytes(data, source=f"pushed mask {mask_id!r}")
                 mask.check_model(self.fingerprint, self.shape, source=f"pushed mask {mask_id!r}")
+                verification = self.gate(mask, f"pushed mask {mask_id!r}")
             except (MaskError, StoreError) as exc:
                 raise Refused(400, str(exc)) from None
             async with self._lock:
@@ -142,7 +145,7 @@ class ServingState:
         self.metrics.pushes.labels("accepted").inc()
         self.metrics.push_latency.observe(time.perf_counter() - started)
         return PushResult(tenant=tenant.id, mask=mask_id, version=entry.version, neurons=entry.neurons,
-                          tenant_neurons=self.unions[tenant.id].neurons)
+                          tenant_neurons=self.unions[tenant.id].neurons, verification=verification)
 
     async def drop(self, tenant_id: str, mask_id: str) -> DropResult:
         tenant = self._tenant(tenant_id)
@@ -169,7 +172,8 @@ class ServingState:
         tenants = []
         for tenant in self.tenants.tenants:
             union = self.unions.get(tenant.id)
-            masks = [ListedMask(id=i, **self.store.index.masks[i].model_dump(include={"version", "neurons", "built_for"}))
+            fields = {"version", "neurons", "built_for", "verification"}
+            masks = [ListedMask(id=i, **self.store.index.masks[i].model_dump(include=fields))
                      for i in (union.mask_ids if union else ()) if i in self.store.index.masks]
             tenants.append(TenantListing(
                 tenant=tenant.id, masks=masks, mask_version=union.version if union else None,
@@ -183,6 +187,19 @@ class ServingState:
         status = (await self._rpc("depn_status", ()))[0]
         self.metrics.worker_status = status
         return status
+
+    def gate(self, mask: NeuronMask, source: str) -> str:
+        """Refuse a mask without a passing certificate (its model is checked already: a certificate names the
+        manifest's fingerprint or fails to load), unless the operator opted out; returns what to tell the pusher."""
+        v = mask.manifest.verification
+        if v is not None and v.passed:
+            return v.summary()
+        found = "no certificate" if v is None else f"a failed certificate ({'; '.join(v.failures)})"
+        if not self.allow_unverified:
+            raise MaskError(source, "verification", "a passing certificate (run `depn verify`, or start depn serve "
+                            "with --allow-unverified)", found)
+        logger.warning("depn-serve: %s has %s; served anyway (--allow-unverified)", source, found)
+        return f"UNVERIFIED ({found}); served because of --allow-unverified"
 
     # --- internals -----------------------------------------------------------------------------------------------
     def mask_ids(self, tenant: Tenant) -> list[str]:
@@ -216,6 +233,7 @@ class ServingState:
             try:
                 mask = self.store.load(mask_id)
                 mask.check_model(self.fingerprint, self.shape, source=self.store.path(mask_id))
+                self.gate(mask, str(self.store.path(mask_id)))
             except (MaskError, StoreError) as exc:
                 raise Refused(409, str(exc)) from None
             off = mask.off.clone() if off is None else off | mask.off
@@ -231,6 +249,8 @@ class ServingState:
     def _commit(self, tenant_id: str, union: MaskUnion) -> None:
         self.unions[tenant_id] = union
         self.metrics.masked_neurons.labels(self.metrics.tenant_label(tenant_id)).set(union.neurons)
+        in_use = {i for u in self.unions.values() for i in u.mask_ids if i in self.store.index.masks}
+        self.metrics.unverified.set(sum(self.store.index.masks[i].verification != "passed" for i in in_use))
 
     async def _apply(self, tenants: list[Tenant], checkpoint: Checkpoint) -> None:
         """Bind the tenants' new unions in the workers; on any failure put the store and the workers back."""

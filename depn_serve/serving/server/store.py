@@ -27,6 +27,12 @@ class StoreError(DepnError):
     pass
 
 
+def verdict(mask: NeuronMask) -> str:
+    """'passed', 'failed' or 'none': what the mask's certificate says."""
+    v = mask.manifest.verification
+    return "none" if v is None else "passed" if v.passed else "failed"
+
+
 class StoredMask(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -34,6 +40,7 @@ class StoredMask(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     neurons: int = Field(ge=0)
     built_for: str = Field(description="the tenant named in the mask's own manifest")
+    verification: str = Field("none", pattern="^(passed|failed|none)$", description="the certificate's verdict")
     pushed_at: datetime
 
 
@@ -84,6 +91,7 @@ class MaskStore:
             sha256=hashlib.sha256(data).hexdigest(),
             neurons=mask.manifest.neuron_count,
             built_for=mask.manifest.tenant,
+            verification=verdict(mask),
             pushed_at=datetime.now(timezone.utc),
         )
         atomic_write_bytes(self.path(mask_id), data)

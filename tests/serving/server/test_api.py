@@ -43,8 +43,9 @@ def setup(ci_testbed, ci_mask, tmp_path_factory):
     }
     config.save(work / "tenants.yaml")
     (work / "admin.token").write_text("admin-" + "x" * 32)
+    # The vote mask has no certificate: these tests are about serving masks, the gate is tested in test_state.
     server = ServerProcess(ci_testbed / "model", work / "tenants.yaml", work / "store", work / "admin.token",
-                           work / "server.log", max_mask_slots=4)
+                           work / "server.log", max_mask_slots=4, allow_unverified=True)
     server.start()
     yield {"server": server, "keys": keys, "target": target, "mask": mask_path, "work": work,
            "records": ci_testbed / "records.jsonl"}
@@ -110,6 +111,7 @@ def test_push_masks_target_tenant_only(setup, reference, ci_testbed):
     target = setup["target"]
     result = _cli(setup, "push", "--tenant", target, "--mask", str(setup["mask"]), "--id", f"{target}-main")
     assert result.exit_code == 0, result.output
+    assert "UNVERIFIED (no certificate); served because of --allow-unverified" in result.output
     off = NeuronMask.load(setup["mask"]).off
     records = load_records(ci_testbed / "records.jsonl", target)
     a, b = _client(setup, target), _client(setup, TENANT_B)
@@ -215,6 +217,7 @@ def test_metrics_show_the_counts(setup):
     assert _metric(text, "depn_mask_slots") == 4
     assert _metric(text, "depn_mask_slots_resident") >= 1
     assert _metric(text, "depn_mask_slot_loads_total") >= 1
+    assert _metric(text, "depn_unverified_masks_in_use") == 1
 
 
 def test_drop_refuses_the_tenant_and_restart_restores_masks(setup, reference):

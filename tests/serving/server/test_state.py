@@ -14,6 +14,7 @@ from depn_serve.serving.server.metrics import DepnMetrics
 from depn_serve.serving.server.state import Refused, ServingState
 from depn_serve.serving.server.store import MaskStore
 from depn_serve.serving.server.tenants import TenantsConfig
+from tests.helpers import certified
 
 
 class Workers:
@@ -42,14 +43,15 @@ def world(tiny_model_dir, tmp_path):
     shape = mlp_shape(read_config(tiny_model_dir))
     fp = model_fingerprint(tiny_model_dir)
 
-    def mask(*neurons: int) -> bytes:
+    def mask(*neurons: int, certificate: str | None = "passed") -> bytes:
         off = torch.zeros(shape.num_layers, shape.intermediate_size, dtype=torch.bool)
         off[0, list(neurons)] = True
-        return NeuronMask.create("acme", fp, shape, off, MaskProvenance(method="test")).to_bytes()
+        made = NeuronMask.create("acme", fp, shape, off, MaskProvenance(method="test"))
+        return (made if certificate is None else certified(made, certificate == "passed")).to_bytes()
 
-    def state() -> ServingState:
+    def state(allow_unverified: bool = False) -> ServingState:
         s = ServingState(tmp_path / "tenants.yaml", MaskStore(tmp_path / "store"), fp, shape, "t" * 20,
-                         DepnMetrics(CollectorRegistry()))
+                         DepnMetrics(CollectorRegistry()), allow_unverified)
         s.prepare()
         return s
 
@@ -113,3 +115,47 @@ def test_keys_added_while_serving_are_picked_up(world):
     config.save(tmp_path / "tenants.yaml")
     assert state.authenticate(key).id == "initech"
     assert not state.is_admin("x" * 20) and state.is_admin("t" * 20)
+
+
+def test_the_gate_refuses_masks_without_a_passing_certificate(world):
+    make_state, mask, tmp_path = world
+    state = make_state()
+    asyncio.run(state.start(Workers()))
+    for certificate, found in ((None, "no certificate"), ("failed", "a failed certificate (greedy: 1 records leak)")):
+        with pytest.raises(Refused) as refused:
+            asyncio.run(state.push("acme", "acme-main", mask(1, certificate=certificate)))
+        assert refused.value.status == 400
+        assert "field 'verification': expected a passing certificate" in refused.value.message
+        assert found in refused.value.message
+    assert not (tmp_path / "store" / "acme-main.safetensors").exists()
+    assert state.metrics.unverified._value.get() == 0
+    pushed = asyncio.run(state.push("acme", "acme-main", mask(1)))
+    assert pushed.verification.startswith("verification passed")
+    assert state.store.index.masks["acme-main"].verification == "passed"
+
+    # A certificate made for other bits does not load.
+    other = NeuronMask.from_bytes(mask(2))
+    forged = NeuronMask(other.manifest, NeuronMask.from_bytes(mask(3, certificate=None)).off).to_bytes()
+    with pytest.raises(Refused) as refused:
+        asyncio.run(state.push("acme", "acme-main", forged))
+    assert "verification.mask_sha256" in refused.value.message
+
+
+def test_allow_unverified_serves_and_counts_unverified_masks(world):
+    make_state, mask, tmp_path = world
+    state = make_state(allow_unverified=True)
+    workers = Workers()
+    asyncio.run(state.start(workers))
+    pushed = asyncio.run(state.push("acme", "acme-main", mask(1, certificate=None)))
+    assert pushed.verification.startswith("UNVERIFIED (no certificate)")
+    assert state.admit("acme") and state.metrics.unverified._value.get() == 1
+    listing = {t.tenant: t for t in asyncio.run(state.listing()).tenants}
+    assert listing["acme"].masks[0].verification == "none"
+
+    # Without the opt-out, a server does not start on a store that holds an unverified mask in use.
+    with pytest.raises(Refused) as refused:
+        make_state()
+    assert refused.value.status == 409 and "passing certificate" in refused.value.message
+    asyncio.run(state.push("acme", "acme-main", mask(1)))
+    assert state.metrics.unverified._value.get() == 0
+    make_state()  # the stored mask is certified now
