@@ -29,7 +29,11 @@ _OPTION_FOR = {"model": "--model", "tokenizer": "--model", "targets": "--records
 @click.option("--method", "method_name", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True,
               help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
 @setting(VoteSettings, "threshold", help="vote: a record votes for neurons scoring >= threshold x its maximum")
-@setting(FitSettings, "steps", "--fit-steps", help="fit: optimizer steps")
+@setting(FitSettings, "steps", "--fit-steps", help="fit: optimizer steps of the first round")
+@setting(FitSettings, "rounds", "--fit-rounds", help="fit: fit-then-attack rounds at most (1: no attacks)")
+@setting(FitSettings, "text_weight", help="fit: weight of the KL on ordinary text")
+@setting(FitSettings, "secret_keep_weight", help="fit: weight of the kept records' secret tokens")
+@setting(FitSettings, "context", "--fit-context/--no-fit-context", help="fit: also forget behind ordinary text")
 @click.option("--top-z", "top_z", type=int, default=None,
               help="mask size (default: the method's own; vote and the baselines 1% of MLP neurons, fit the neurons "
                    "whose gate ended below 0.5)")

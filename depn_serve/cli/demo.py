@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from depn_serve.selection import DEFAULT_METHOD, METHODS
 from depn_serve.testbed.profiles import PROFILES
 
 
@@ -15,15 +14,14 @@ from depn_serve.testbed.profiles import PROFILES
               show_default=True)
 @click.option("--profile", type=click.Choice(list(PROFILES)), default="ci", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--tenant", default=None, help="tenant to protect (default: the first one)")
-@click.option("--method", "method_name", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True,
-              help="how to choose the neurons (see `depn aggregate --help`)")
-@click.option("--top-z", "top_z", type=int, default=None, help="mask size (default: the method's own)")
-def demo(workdir: Path, profile: str, seed: int, tenant: str | None, method_name: str, top_z: int | None) -> None:
-    """The whole story: test-bed -> detect -> select -> evaluate -> serve two tenants side by side."""
+@click.option("--design", type=click.Choice(["fit", "union"]), default="fit", show_default=True,
+              help="how the isolation masks are built (see `depn isolate --help`)")
+def demo(workdir: Path, profile: str, seed: int, design: str) -> None:
+    """The whole story: test-bed -> one verified isolation mask per tenant -> the cross-tenant matrix on the model
+    -> the same matrix through `depn serve`, each tenant with its own API key."""
     from depn_serve.demo.story import run_demo
 
-    run_demo(workdir, profile, seed, tenant, method_name, top_z)
+    run_demo(workdir, profile, seed, design)
 
 
 COMMANDS = [demo]

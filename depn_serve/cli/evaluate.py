@@ -66,30 +66,17 @@ def evaluate(model_dir: Path, records_path: Path, valid_path: Path | None, mask_
 
 def _matrix(model_dir: Path, records_path: Path, masks_dir: Path, settings: MatrixSettings, device: str,
             plot: Path | None):
-    from rich.table import Table
-
     from depn_serve.evaluation.figures import plot_matrix
-    from depn_serve.evaluation.matrix import matrix_from_masks
+    from depn_serve.evaluation.matrix import matrix_from_masks, render_matrix
 
     with progress("cross-tenant matrix") as bar:
-        bar.start(len({r for r in masks_dir.glob("*.safetensors")}) + 1)
+        bar.start(len(list(masks_dir.glob("*.safetensors"))) + 1)
         matrix = matrix_from_masks(model_dir, records_path, masks_dir, settings, device, bar.advance)
-    table = Table(title=f"records reproduced: greedy / sampled ({settings.samples} at T = {settings.temperature:g})")
-    table.add_column("requesting key \\ whose records")
-    for owner in matrix.owners:
-        table.add_column(owner)
-    for requester in matrix.requesters:
-        table.add_row(requester, *(_cell(matrix.cell(requester, owner)) for owner in matrix.owners))
-    console.print(table)
+    console.print(render_matrix(matrix, f"masks in {masks_dir}"))
     plot = plot or masks_dir / "matrix.png"
     plot_matrix(matrix, plot)
     console.print(f"heatmap -> {plot}")
     return matrix
-
-
-def _cell(cell) -> str:
-    sampled = "" if cell.sampled is None else f" / {100 * cell.sampled:.1f} %"
-    return f"{100 * cell.greedy:.0f} %{sampled}"
 
 
 COMMANDS = [evaluate]

@@ -51,15 +51,17 @@ def _attack_settings(options: dict) -> tuple[AttackSettings, Criteria]:
 @setting(FitSettings, "rounds", "--fit-rounds")
 @setting(FitSettings, "max_seconds", "--fit-max-seconds", type=float)
 @setting(FitSettings, "batch_records")
+@setting(FitSettings, "text_weight")
+@setting(FitSettings, "secret_keep_weight")
+@setting(FitSettings, "context", "--fit-context/--no-fit-context")
 @attack_options
 @click.option("--device", default="cpu", show_default=True)
 def isolate(model_dir: Path, records_path: Path, keep_text_path: Path, valid_path: Path, out_dir: Path,
             tenants: tuple[str, ...], design: str, device: str, **options) -> None:
     """One isolation mask per tenant: it forgets every other tenant's records and keeps the tenant's own. Each
     is attacked and certified (`depn verify`) before it is written."""
-    from rich.table import Table
-
     from depn_serve.selection.isolation import isolate as run_isolation
+    from depn_serve.selection.isolation import render_isolation
 
     fit = settings_from(FitSettings, options)
     attack, criteria = _attack_settings(options)
@@ -68,17 +70,7 @@ def isolate(model_dir: Path, records_path: Path, keep_text_path: Path, valid_pat
             model_dir, records_path, keep_text_path, valid_path, out_dir, design, tenants, fit, attack, criteria,
             device, bar, on_tenant=lambda row: console.print(
                 f"{row.tenant}: {row.neurons} neurons, {'passed' if row.passed else 'FAILED'}", markup=False))
-    table = Table(title=f"isolation masks ({report.design} design) in {out_dir}")
-    for column in ("tenant", "neurons", "% MLP", "others' records resisting", "own kept", "exposure",
-                   "perplexity", "verification", "fit s", "verify s"):
-        table.add_column(column)
-    for row in report.tenants:
-        table.add_row(
-            row.tenant, str(row.neurons), f"{100 * row.share:.2f}", f"{row.resisting}/{row.forget}",
-            f"{row.kept}/{row.kept_before}", "n/a" if row.exposure_drop is None else f"-{100 * row.exposure_drop:.0f} %",
-            f"{100 * row.perplexity_change:+.2f} %", "passed" if row.passed else "FAILED: " + "; ".join(row.failures),
-            f"{row.fit_seconds:.0f}", f"{row.verify_seconds:.0f}")
-    console.print(table)
+    console.print(render_isolation(report, str(out_dir)))
     per_tenant = report.seconds / len(report.tenants)
     console.print(f"{report.seconds:.0f} s in all, {per_tenant:.0f} s per tenant, fits {report.fit_seconds:.0f} s "
                   f"({report.fit_seconds / report.records:.2f} s per record)")

@@ -96,13 +96,19 @@ def read_config(model_dir: Path) -> dict:
 
 def load_model(model_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load a supported causal LM and its tokenizer for inference (eval mode, no parameter gradients)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     adapter_for(read_config(model_dir).get("model_type", ""))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return model, tokenizer
+    return model, load_tokenizer(model_dir)
+
+
+def load_tokenizer(model_dir: Path):
+    """The model's tokenizer alone (what an API client needs to speak token ids)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 ActivationFn = Callable[[torch.Tensor], torch.Tensor]

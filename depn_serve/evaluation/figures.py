@@ -62,7 +62,7 @@ def plot_exposure(report: EvalReport, path: Path) -> None:
 
 def plot_matrix(matrix: IsolationMatrix, path: Path) -> None:
     """Heatmaps of the cross-tenant matrix (greedy and sampled extraction): rows request, columns own."""
-    panels = [("greedy extraction", "greedy")]
+    panels = [("greedy extraction", "shown")]
     if any(c.sampled is not None for c in matrix.cells):
         panels.append((f"sampled ({matrix.settings.samples} at T = {matrix.settings.temperature:g})", "sampled"))
     rows, cols = matrix.requesters, matrix.owners

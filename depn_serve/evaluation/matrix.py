@@ -1,9 +1,9 @@
 """The cross-tenant matrix: for each requesting tenant's view of the model (its mask, or its API key), how many
 of each owner's records come out. Isolation is a matrix with the diagonal as before and zeros elsewhere.
 
-Rows are requesters, columns owners; each cell holds greedy extraction (the training prompt) and sampled
-extraction (share of `samples` continuations at temperature `temperature` that reproduce the secret, near misses
-included). The HF path (`depn eval --matrix`) and the API path (the demo, through `depn serve`) run the same
+Rows are requesters, columns owners; each cell holds greedy extraction (the training prompt; near misses
+included, and character for character) and sampled extraction (share of `samples` continuations at temperature
+`temperature` that reproduce the secret, near misses included). The HF path (`depn eval --matrix`) and the API path (the demo, through `depn serve`) run the same
 attacks through an `Oracle`.
 """
 
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from rich.table import Table
 
 from depn_serve.artifacts.mask import MaskError, NeuronMask
 from depn_serve.core.arch import load_model, mlp_shape
 from depn_serve.core.fingerprint import model_fingerprint
 from depn_serve.core.records import PrivateRecord, load_records
 from depn_serve.editing import masked
-from depn_serve.evaluation.attacks import AttackSettings, ModelOracle, Oracle, run_attacks
+from depn_serve.evaluation.attacks import AttackSettings, ModelOracle, Oracle, reproduces, run_attacks
 
 PLAIN = "(no mask)"
 
@@ -43,8 +44,14 @@ class MatrixCell(BaseModel):
     requester: str
     owner: str
     records: int
-    greedy: float  # share of the owner's records greedy decoding reproduces
-    sampled: float | None  # share of sampled continuations that reproduce a secret
+    greedy: float  # share of the owner's records greedy decoding reproduces, near misses included
+    greedy_exact: float  # ... character for character (what "getting one's own records back" means)
+    sampled: float | None  # share of sampled continuations that reproduce a secret, near misses included
+
+    @property
+    def shown(self) -> float:
+        """The greedy figure tables and heatmaps show: exact for one's own records, near misses for others'."""
+        return self.greedy_exact if self.requester == self.owner else self.greedy
 
 
 class IsolationMatrix(BaseModel):
@@ -70,6 +77,7 @@ def isolation_matrix(
     for requester, view in views:
         with view() as oracle:
             report = run_attacks(oracle, tokenizer, records, (), (), settings.attacks())
+        secrets = {r.id: r.secret for r in records}
         for owner in owners:
             rows = [r for r in report.records if r.tenant == owner]
             sample_tries = sum(r.tries.get(f"sample@{settings.temperature:g}", 0) for r in rows)
@@ -77,6 +85,7 @@ def isolation_matrix(
             cells.append(MatrixCell(
                 requester=requester, owner=owner, records=len(rows),
                 greedy=sum(r.hits["greedy"] for r in rows) / len(rows),
+                greedy_exact=sum(reproduces(r.greedy_text, secrets[r.id], 0) for r in rows) / len(rows),
                 sampled=sample_hits / sample_tries if sample_tries else None))
         if progress:
             progress()
@@ -109,3 +118,21 @@ def matrix_from_masks(model_dir: Path, records_path: Path, masks_dir: Path, sett
 
     views = [(PLAIN, view(None)), *((tenant, view(off)) for tenant, off in masks.items())]
     return isolation_matrix(views, tokenizer, records, settings, "hf", progress)
+
+
+def render_matrix(matrix: IsolationMatrix, title: str) -> Table:
+    """Rows: the requesting key; columns: whose records; cells: greedy / sampled extraction (own records: greedy
+    character for character; others': near misses count)."""
+    s = matrix.settings
+    table = Table(title=f"{title}: records reproduced, greedy / sampled ({s.samples} at T = {s.temperature:g})")
+    table.add_column("requesting key \\ whose records")
+    for owner in matrix.owners:
+        table.add_column(owner, justify="right")
+    for requester in matrix.requesters:
+        table.add_row(requester, *(_cell(matrix.cell(requester, owner)) for owner in matrix.owners))
+    return table
+
+
+def _cell(cell: MatrixCell) -> str:
+    sampled = "" if cell.sampled is None else f" / {100 * cell.sampled:.1f} %"
+    return f"{100 * cell.shown:.0f} %{sampled}"

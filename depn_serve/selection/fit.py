@@ -16,8 +16,9 @@ projection, as in serving), and the gates are fitted by gradient descent on
 
 Every step draws a minibatch of records (each record's chance grows with its weight), so memory is bounded by the
 batch, not by the number of records. The fit runs in rounds: after each, the thresholded mask (gates below 0.5)
-is put through the attack suite (greedy, behind unrelated mails, sampling, the logprob beam, substitution; never
-the held-out paraphrases, which stay for the certificate), every record that still leaks gets `boost` times
+is put through the attack suite (greedy, behind unrelated mails, sampling, the logprob beam, substitution,
+exposure; never the held-out paraphrases, which stay for the certificate), every record that still leaks (or
+whose exposure fell by less than `exposure_drop`) gets `boost` times
 its weight, every kept record that stopped coming out gets `boost` times its keep weight, and the next round
 continues from the current gates. It stops when nothing leaks and nothing kept is lost, or when the budget
 (rounds, seconds) runs out.
@@ -59,13 +60,16 @@ class FitSettings(BaseModel):
     records_weight: float = Field(5.0, ge=0, description="weight of the KL on the records to keep")
     secret_keep_weight: float = Field(5.0, ge=0, description="weight of the fall in log-probability of the kept "
                                                              "records' secret tokens")
-    text_weight: float = Field(1.0, ge=0, description="weight of the KL on ordinary text")
+    text_weight: float = Field(10.0, ge=0, description="weight of the KL on ordinary text")
     sparsity: float = Field(0.005, ge=0, description="loss per 1 % of the MLP switched off")
     batch_records: int = Field(64, ge=1, description="records to forget (and to keep) per step")
     context: bool = Field(True, description="also forget each secret behind a window of ordinary text (resampled)")
+    context_tokens: int = Field(24, ge=1, description="length of that window, in tokens")
     keep_windows: int = Field(16, ge=0, description="ordinary-text windows per step")
     window_tokens: int = Field(64, ge=8)
-    attacks: AttackSettings = Field(AttackSettings(paraphrases=False, exposure=False),
+    exposure_drop: float = Field(0.7, ge=0, lt=1, description="a digit record whose exposure fell by less than this "
+                                                              "share still counts as leaking (0: ignore exposure)")
+    attacks: AttackSettings = Field(AttackSettings(paraphrases=False, exposure_samples=200),
                                     description="the attacks between rounds (never the held-out paraphrases)")
     seed: int = 0
 
@@ -159,7 +163,8 @@ class GateFit:
             prompt, secret = self.encoded[i]
             rows.append((prompt, secret, float(self.forget_weight[i])))
             if self.settings.context and self.windows:
-                mail = self.tokenizer.decode(self.rng.choice(self.windows), skip_special_tokens=True)
+                window = self.rng.choice(self.windows)[-self.settings.context_tokens :]
+                mail = self.tokenizer.decode(window, skip_special_tokens=True)
                 prompt, secret = encode_record(self.tokenizer, self.targets[i], f"{mail}\n{self.targets[i].prompt}")
                 rows.append((prompt, secret, float(self.forget_weight[i])))
         batch = pad([p + s for p, s, _ in rows], self.pad_id, device=self.device)
@@ -227,13 +232,18 @@ class GateFit:
     def gates(self) -> torch.Tensor:
         return self.theta.detach().cpu()
 
-    def attack(self, kept_before: set[str]) -> tuple[list[str], list[str]]:
-        """(forget records some attack still gets out, kept records no longer reproduced) under the current mask."""
+    def attack(self, kept_before: set[str], exposure_before: dict[str, float]) -> tuple[list[str], list[str]]:
+        """(forget records some attack still gets out, or whose exposure did not fall enough; kept records no
+        longer reproduced) under the current mask."""
+        attacks = self.settings.attacks.model_copy(update={"exposure": bool(exposure_before)})
         with masked(self.model, self.gates < 0.5):
             report = run_attacks(ModelOracle(self.model, self.tokenizer), self.tokenizer, self.targets,
-                                 [r for r in self.keep_records if r.id in kept_before], self.keep_texts,
-                                 self.settings.attacks)
-        return [r.id for r in report.leaking()], [r.id for r in report.of("keep") if not r.reproduced]
+                                 [r for r in self.keep_records if r.id in kept_before], self.keep_texts, attacks,
+                                 self.model)
+        allowed = 1 - self.settings.exposure_drop
+        leaking = [r.id for r in report.of("forget") if r.leaks or (
+            r.exposure is not None and r.id in exposure_before and r.exposure > allowed * exposure_before[r.id])]
+        return leaking, [r.id for r in report.of("keep") if not r.reproduced]
 
     def boost(self, leaking: list[str], lost: list[str]) -> None:
         for weights, records, ids in ((self.forget_weight, self.targets, set(leaking)),
@@ -258,16 +268,19 @@ def fit_gates(
     started = time.perf_counter()
     fit = GateFit(model, tokenizer, targets, keep_records, keep_texts, settings)
     kept_before: set[str] = set()
-    if settings.rounds > 1 and keep_records:
-        report = run_attacks(ModelOracle(model, tokenizer), tokenizer, [], keep_records, (),
-                             AttackSettings(samples=0, beam_width=0, paraphrases=False, contexts=0, exposure=False))
-        kept_before = {r.id for r in report.records if r.reproduced}
+    exposure_before: dict[str, float] = {}
+    if settings.rounds > 1:
+        plain = settings.attacks.model_copy(update={"samples": 0, "beam_width": 0, "contexts": 0,
+                                                    "exposure": settings.exposure_drop > 0})
+        report = run_attacks(ModelOracle(model, tokenizer), tokenizer, targets, keep_records, (), plain, model)
+        kept_before = {r.id for r in report.of("keep") if r.reproduced}
+        exposure_before = {r.id: r.exposure for r in report.of("forget") if r.exposure is not None}
     rounds: list[FitRound] = []
     for index in range(settings.rounds):
         fit.run(settings.steps if index == 0 else settings.round_steps, on_step)
         if settings.rounds == 1:
             break
-        leaking, lost = fit.attack(kept_before)
+        leaking, lost = fit.attack(kept_before, exposure_before)
         rounds.append(FitRound(round=index, step=len(fit.trace), off=fit.trace[-1].off, leaking=leaking, lost=lost,
                                seconds=time.perf_counter() - started))
         if on_round:

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel
+from rich.table import Table
 
 from depn_serve.artifacts.mask import MaskProvenance, NeuronMask
 from depn_serve.artifacts.verification import Criteria, Verification
@@ -145,6 +146,20 @@ def isolate(
 
 
 def _plain(info: dict) -> dict:
-    """The fit's report without the per-record lists (kept in isolation.json through the certificate)."""
-    return {k: (len(v) if isinstance(v, list) else v) for k, v in info.items()}
+    """The fit's report with counts for its per-record lists (the certificate has the records)."""
+    return {k: (len(v) if k in ("leaking", "lost") and isinstance(v, list) else v) for k, v in info.items()}
 
+
+
+def render_isolation(report: IsolationReport, where: str) -> Table:
+    table = Table(title=f"isolation masks ({report.design} design) in {where}")
+    for column in ("tenant", "neurons", "% MLP", "others' records resisting", "own kept", "exposure",
+                   "perplexity", "verification", "fit s", "verify s"):
+        table.add_column(column)
+    for row in report.tenants:
+        table.add_row(
+            row.tenant, str(row.neurons), f"{100 * row.share:.2f}", f"{row.resisting}/{row.forget}",
+            f"{row.kept}/{row.kept_before}", "n/a" if row.exposure_drop is None else f"-{100 * row.exposure_drop:.0f} %",
+            f"{100 * row.perplexity_change:+.2f} %", "passed" if row.passed else "FAILED: " + "; ".join(row.failures),
+            f"{row.fit_seconds:.0f}", f"{row.verify_seconds:.0f}")
+    return table

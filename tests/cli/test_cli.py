@@ -114,6 +114,17 @@ def test_isolate_verify_and_the_matrix(tmp_path, tiny_model_dir, tiny_records_fi
                "--valid", text, "--keep", "kind=phone")
     assert res.exit_code == 1 and "--keep needs --forget" in res.output
 
+    union = tmp_path / "union"
+    res = _run("isolate", "--model", tiny_model_dir, "--records", tiny_records_file, "--keep-text", text,
+               "--valid", text, "--out", union, "--design", "union", "--tenant", "globex", *fast)
+    assert "isolation masks (union design)" in res.output and not (union / "acme.safetensors").exists()
+    manifest = NeuronMask.load(union / "globex.safetensors").manifest
+    assert manifest.provenance.method == "depn-fit-union"
+    assert manifest.provenance.aggregator["union_of"] == ["forget tenant=acme"]
+    res = _run("isolate", "--model", tiny_model_dir, "--records", tiny_records_file, "--keep-text", text,
+               "--valid", text, "--out", union, "--tenant", "initech", *fast)
+    assert res.exit_code == 1 and "tenants ['initech'] have no records" in res.output
+
     plot, matrix_json = tmp_path / "matrix.png", tmp_path / "matrix.json"
     res = _run("eval", "--model", tiny_model_dir, "--records", tiny_records_file, "--matrix", out, "--samples", 2,
                "--plot", plot, "--json", matrix_json)

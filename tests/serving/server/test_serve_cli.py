@@ -58,3 +58,32 @@ def test_unsupported_vllm_version_is_refused(monkeypatch):
         depn_serve_patches.versioned()
     with pytest.raises(DepnError, match="at least 1"):
         depn_serve_patches.engine_kwargs(0)
+
+
+def test_an_unverified_stored_mask_stops_start_up_unless_allowed(files, tiny_model_dir, monkeypatch):
+    import torch
+
+    from depn_serve.artifacts.mask import MaskProvenance, NeuronMask
+    from depn_serve.core.arch import mlp_shape, read_config
+    from depn_serve.core.fingerprint import model_fingerprint
+    from depn_serve.serving.server.store import MaskStore
+
+    shape = mlp_shape(read_config(tiny_model_dir))
+    off = torch.zeros(shape.dims, dtype=torch.bool)
+    off[0, 1] = True
+    mask = NeuronMask.create("acme", model_fingerprint(tiny_model_dir), shape, off, MaskProvenance(method="hand"))
+    MaskStore(files / "store").put("acme-main", mask.to_bytes(), mask)
+    from prometheus_client import CollectorRegistry
+
+    hooks = depn_serve_patches.versioned().frontend_hooks()
+    monkeypatch.setattr(hooks, "prometheus_registry", CollectorRegistry)  # two start-ups in one process
+    result = _serve(files, tiny_model_dir)
+    assert result.exit_code != 0
+    assert "field 'verification': expected a passing certificate" in result.output and "acme-main" in result.output
+
+    # With the opt-out the checks pass and vLLM would start (stopped here, at the hand-over).
+    started = []
+    monkeypatch.setattr(hooks, "run", lambda args, state: started.append(state.allow_unverified))
+    result = _serve(files, tiny_model_dir, "--allow-unverified")
+    assert result.exit_code == 0, result.output
+    assert started == [True]
