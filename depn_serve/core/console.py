@@ -16,7 +16,8 @@ console = Console(width=None if sys.stdout.isatty() else 150)
 
 @dataclass(frozen=True)
 class Bar:
-    """Callbacks driving one progress bar: `start(total)` once the amount of work is known, `advance()` per item."""
+    """Callbacks driving one progress bar: `start(total)` once the amount of work is known (again for the next
+    piece of work: the bar starts over), `advance()` per item."""
 
     start: Callable[[int], None]
     advance: Callable[..., None]
@@ -29,4 +30,4 @@ def progress(description: str) -> Iterator[Bar]:
         TimeRemainingColumn(), console=console, transient=False,
     ) as bar:
         task = bar.add_task(description, total=None)
-        yield Bar(lambda total: bar.update(task, total=total), lambda *_: bar.advance(task))
+        yield Bar(lambda total: bar.reset(task, total=total), lambda *_: bar.advance(task))

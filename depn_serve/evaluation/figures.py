@@ -80,5 +80,5 @@ def plot_matrix(matrix: IsolationMatrix, path: Path) -> None:
         ax.set_xlabel("whose records")
         ax.set_ylabel("requesting key")
         ax.set_title(title)
-    fig.suptitle(f"cross-tenant extraction ({matrix.path})")
+    fig.suptitle(f"cross-tenant extraction ({matrix.path})", y=1.04)
     save_figure(fig, path)
