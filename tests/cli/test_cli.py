@@ -55,10 +55,11 @@ def test_aggregate_fit(tmp_path, tiny_model_dir, tiny_records_file):
     keep.write_text("Hello team, the meeting is moved to Monday.\n\nRegards, Bob\n")
     mask_path = tmp_path / "fit.safetensors"
     res = _run("aggregate", scores, "--tenant", "acme", "--model", tiny_model_dir, "--records", tiny_records_file,
-               "--keep-text", keep, "--fit-steps", "3", "--top-z", "5", "--out", mask_path)
+               "--keep-text", keep, "--fit-steps", "3", "--fit-rounds", "2", "--top-z", "5", "--out", mask_path)
     assert res.exit_code == 0, res.output
     mask = NeuronMask.load(mask_path)
     assert mask.manifest.neuron_count == 5 and mask.manifest.provenance.method == "depn-fit"
+    assert mask.manifest.provenance.aggregator["rounds"] in (1, 2)  # stops early when nothing leaks
     assert mask.manifest.provenance.aggregator["steps"] == 3 and mask.manifest.provenance.aggregator["keep_records"] == 2
     # the fit's summary: 2 target records, 2 kept records (the other tenant's)
     assert "depn-fit: 5 neurons" in res.output and "(keep_records 2," in res.output
