@@ -34,9 +34,7 @@ def verify_mask(
     policy = policy or mask.manifest.provenance.policy or MaskPolicy.own_records(mask.manifest.tenant)
     forget, keep = policy.split(records, source)
     oracle = ModelOracle(model, tokenizer)
-    baseline = AttackSettings(paraphrases=False, contexts=0, samples=0, beam_width=0, exposure=settings.exposure,
-                              exposure_samples=settings.exposure_samples,
-                              exposure_max_frontier=settings.exposure_max_frontier, seed=settings.seed)
+    baseline = settings.model_copy(update={"paraphrases": False, "contexts": 0, "samples": 0, "beam_width": 0})
     before = {r.id: r for r in run_attacks(oracle, tokenizer, forget, keep, (), baseline, model).records}
     ppl_before = perplexity(model, tokenizer, valid_texts)
     with masked(model, mask.off):

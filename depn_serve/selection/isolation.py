@@ -127,8 +127,8 @@ def isolate(
             off = torch.stack([o for o, _, _ in others]).any(0)
             info = {"union_of": [f"forget tenant={o}" for o in present if o != tenant]}
             seconds = sum(s for _, _, s in others)
-        provenance = MaskProvenance(method=f"depn-fit-{design}" if design == "union" else "depn-fit", policy=policy,
-                                    records_sha256=records_sha256, records=len(policy.split(records)[0]),
+        provenance = MaskProvenance(method="depn-fit-union" if design == "union" else "depn-fit", policy=policy,
+                                    records_sha256=records_sha256, records=sum(r.tenant != tenant for r in records),
                                     aggregator={**fit.model_dump(mode="json"), **_plain(info),
                                                 "seconds": round(seconds, 1)})
         mask = NeuronMask.create(tenant, fingerprint, shape, off, provenance)
