@@ -12,6 +12,7 @@ Either way one model load serves every tenant, and every mask gets the same veri
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,7 @@ class IsolationRow(BaseModel):
     resisting: int  # forgotten records no attack got out
     kept_before: int  # own records greedy decoding reproduced before the mask
     kept: int  # ... and still reproduces with it
+    lost: dict[str, int]  # own records no longer reproduced, per kind, most first
     perplexity_change: float  # relative
     exposure_drop: float | None
     passed: bool
@@ -76,6 +78,7 @@ def _row(tenant: str, mask: NeuronMask, v: Verification, fit_seconds: float) -> 
         tenant=tenant, neurons=m.neuron_count, share=m.neuron_count / (m.num_layers * m.intermediate_size),
         forget=len(forget), resisting=sum(not r.leaks for r in forget), kept_before=len(kept_before),
         kept=sum(bool(r.hits.get("greedy")) for r in kept_before),
+        lost=dict(Counter(r.kind for r in kept_before if not r.hits.get("greedy")).most_common()),
         perplexity_change=v.perplexity_after / v.perplexity_before - 1, exposure_drop=v.exposure_drop(),
         passed=v.passed, failures=v.failures, fit_seconds=fit_seconds, verify_seconds=v.seconds)
 
@@ -150,6 +153,9 @@ def _plain(info: dict) -> dict:
     return {k: (len(v) if k in ("leaking", "lost") and isinstance(v, list) else v) for k, v in info.items()}
 
 
+def _lost(lost: dict[str, int]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in lost.items())
+
 
 def render_isolation(report: IsolationReport, where: str) -> Table:
     table = Table(title=f"isolation masks ({report.design} design) in {where}")
@@ -159,7 +165,7 @@ def render_isolation(report: IsolationReport, where: str) -> Table:
     for row in report.tenants:
         table.add_row(
             row.tenant, str(row.neurons), f"{100 * row.share:.2f}", f"{row.resisting}/{row.forget}",
-            f"{row.kept}/{row.kept_before}", "n/a" if row.exposure_drop is None else f"-{100 * row.exposure_drop:.0f} %",
+            f"{row.kept}/{row.kept_before}" + (f" (lost: {_lost(row.lost)})" if row.lost else ""), "n/a" if row.exposure_drop is None else f"-{100 * row.exposure_drop:.0f} %",
             f"{100 * row.perplexity_change:+.2f} %", "passed" if row.passed else "FAILED: " + "; ".join(row.failures),
             f"{row.fit_seconds:.0f}", f"{row.verify_seconds:.0f}")
     return table

@@ -95,6 +95,8 @@ def test_isolate_verify_and_the_matrix(tmp_path, tiny_model_dir, tiny_records_fi
                "--valid", text, "--out", out, *fast)
     report = json.loads((out / "isolation.json").read_text())
     assert [row["tenant"] for row in report["tenants"]] == ["acme", "globex"]
+    for row in report["tenants"]:  # own records lost, per kind: they add up to those no longer reproduced
+        assert sum(row["lost"].values()) == row["kept_before"] - row["kept"], row
     assert res.exit_code == (0 if all(row["passed"] for row in report["tenants"]) else 1), res.output
     assert "isolation masks (fit design)" in res.output and "s per tenant" in res.output
     for tenant, other in (("acme", "globex"), ("globex", "acme")):
