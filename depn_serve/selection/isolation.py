@@ -165,7 +165,8 @@ def render_isolation(report: IsolationReport, where: str) -> Table:
     for row in report.tenants:
         table.add_row(
             row.tenant, str(row.neurons), f"{100 * row.share:.2f}", f"{row.resisting}/{row.forget}",
-            f"{row.kept}/{row.kept_before}" + (f" (lost: {_lost(row.lost)})" if row.lost else ""), "n/a" if row.exposure_drop is None else f"-{100 * row.exposure_drop:.0f} %",
+            f"{row.kept}/{row.kept_before}" + (f" (lost: {_lost(row.lost)})" if row.lost else ""),
+            "n/a" if row.exposure_drop is None else f"-{100 * row.exposure_drop:.0f} %",
             f"{100 * row.perplexity_change:+.2f} %", "passed" if row.passed else "FAILED: " + "; ".join(row.failures),
             f"{row.fit_seconds:.0f}", f"{row.verify_seconds:.0f}")
     return table
