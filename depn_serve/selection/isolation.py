@@ -73,12 +73,12 @@ class IsolationReport(BaseModel):
 def _row(tenant: str, mask: NeuronMask, v: Verification, fit_seconds: float) -> IsolationRow:
     forget, keep = v.forget(), v.keep()
     kept_before = [r for r in keep if r.reproduced_before]
+    lost = Counter(r.kind for r in kept_before if not r.hits.get("greedy"))
     m = mask.manifest
     return IsolationRow(
         tenant=tenant, neurons=m.neuron_count, share=m.neuron_count / (m.num_layers * m.intermediate_size),
         forget=len(forget), resisting=sum(not r.leaks for r in forget), kept_before=len(kept_before),
-        kept=sum(bool(r.hits.get("greedy")) for r in kept_before),
-        lost=dict(Counter(r.kind for r in kept_before if not r.hits.get("greedy")).most_common()),
+        kept=len(kept_before) - lost.total(), lost=dict(lost.most_common()),
         perplexity_change=v.perplexity_after / v.perplexity_before - 1, exposure_drop=v.exposure_drop(),
         passed=v.passed, failures=v.failures, fit_seconds=fit_seconds, verify_seconds=v.seconds)
 
