@@ -19,6 +19,7 @@ from depn_serve.core.errors import DepnError
 ENABLE_ENV = "DEPN_SERVE"
 SUPPORTED = {"0.32": "vllm_0_32"}
 DEFAULT_MAX_MASK_SLOTS = 64
+DEFAULT_MASK_WAIT_S = 1.0
 CONFIG_KEY = "depn"  # in vLLM's additional_config, which every vLLM process sees (and the compile cache hashes)
 
 logger = logging.getLogger("depn_serve")
@@ -51,18 +52,38 @@ def register() -> None:
     versioned().install()
 
 
-def engine_kwargs(max_mask_slots: int = DEFAULT_MAX_MASK_SLOTS) -> dict[str, Any]:
-    """Engine arguments that turn masks on (for `vllm.LLM`, `AsyncEngineArgs`); also enables the plugin."""
+def engine_kwargs(max_mask_slots: int = DEFAULT_MAX_MASK_SLOTS, deny_untagged: bool = False,
+                  mask_wait_s: float = DEFAULT_MASK_WAIT_S) -> dict[str, Any]:
+    """Engine arguments that turn masks on (for `vllm.LLM`, `AsyncEngineArgs`); also enables the plugin.
+
+    `deny_untagged` (servers): a request that reaches the model without a tenant runs with the deny row, not unmasked.
+    `mask_wait_s`: how long a tenant may wait for a mask slot before the running tenants are drained for it.
+    """
     if max_mask_slots < 1:
         raise DepnError(f"max_mask_slots must be at least 1, got {max_mask_slots}")
+    if mask_wait_s < 0:
+        raise DepnError(f"mask_wait_s must be at least 0, got {mask_wait_s}")
     os.environ[ENABLE_ENV] = "1"
     hooks = versioned()
     return {
         "worker_extension_cls": hooks.WORKER_EXTENSION_CLS,
-        "additional_config": {CONFIG_KEY: {"max_mask_slots": max_mask_slots}},
+        "additional_config": {CONFIG_KEY: {"max_mask_slots": max_mask_slots, "deny_untagged": deny_untagged,
+                                           "mask_wait_s": mask_wait_s}},
     }
+
+
+def _settings(vllm_config) -> dict[str, Any]:
+    return (vllm_config.additional_config or {}).get(CONFIG_KEY, {})
 
 
 def max_mask_slots(vllm_config) -> int | None:
     """The engine's mask slots, or None for an engine started without `engine_kwargs` (masks off)."""
-    return (vllm_config.additional_config or {}).get(CONFIG_KEY, {}).get("max_mask_slots")
+    return _settings(vllm_config).get("max_mask_slots")
+
+
+def deny_untagged(vllm_config) -> bool:
+    return bool(_settings(vllm_config).get("deny_untagged", False))
+
+
+def mask_wait_s(vllm_config) -> float:
+    return float(_settings(vllm_config).get("mask_wait_s", DEFAULT_MASK_WAIT_S))

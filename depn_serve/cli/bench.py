@@ -76,4 +76,22 @@ def mlp(hidden: int, intermediate: int, dtype: str, tokens: str) -> None:
                    f"{row.median_ratio:.3f} |")
 
 
+@bench.command("tenants")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="the served model (its MLP shape and fingerprint; no weights are loaded)")
+@click.option("--tenants", default=5000, show_default=True)
+@click.option("--masked", default=200, show_default=True, help="tenants with a mask in the store (the others may "
+                                                                 "run unmasked)")
+@click.option("--lookups", default=20000, show_default=True, help="authentications timed")
+def tenants(model_dir: Path, tenants: int, masked: int, lookups: int) -> None:
+    """The control plane with thousands of tenants: start-up, authentication latency, reload, memory."""
+    from depn_serve.bench.control import run_control_bench
+
+    if not 0 <= masked <= tenants:
+        raise click.BadParameter(f"expected 0 to --tenants ({tenants}), found {masked}", param_hint="--masked")
+    with console.status(f"{tenants:,} tenants"), tempfile.TemporaryDirectory(prefix="depn-bench-") as work:
+        report = run_control_bench(model_dir, Path(work), tenants, masked, lookups)
+    click.echo(report.markdown())
+
+
 COMMANDS = [bench]

@@ -91,6 +91,10 @@ def list_(server: str, token_file: Path, as_json: bool) -> None:
         table.add_column(column)
     for t in listing.tenants:
         masks_desc = ", ".join(f"{m.id} v{m.version}: {m.neurons}, {m.verification}" for m in t.masks) or "-"
+        if t.missing:
+            masks_desc += f" (not pushed yet: {', '.join(t.missing)})"
+        if t.problem:
+            masks_desc += f" QUARANTINED: {t.problem}"
         table.add_row(t.tenant, masks_desc, str(t.masked_neurons), "yes" if t.resident else "no",
                       "yes" if t.allow_unmasked else "no")
     console.print(table)

@@ -119,7 +119,8 @@ def isolate(
 
     owner_masks: dict[str, tuple[torch.Tensor, dict, float]] = {}
     if design == "union":
-        owner_masks = {owner: fitted(MaskPolicy.own_records(owner)) for owner in present}
+        needed = [owner for owner in present if any(owner != tenant for tenant in chosen)]
+        owner_masks = {owner: fitted(MaskPolicy.own_records(owner)) for owner in needed}
     rows: list[IsolationRow] = []
     for tenant in chosen:
         policy = MaskPolicy.isolation(tenant)

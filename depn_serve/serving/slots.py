@@ -4,10 +4,11 @@ Modeled on vLLM's LoRA slots. Every tenant's mask (the union of its masks, with 
 memory (1 bit per neuron); at most `num_slots` of them are expanded on the device at a time, as multiplicative
 rows `keep[layer, slot, neuron]` in the model's dtype. Two extra rows are always resident: the identity (requests
 with no mask) and an all-zero "deny" row used when something that should be impossible happens (an unknown tenant,
-or more distinct masks in one step than slots): the request then produces garbage instead of unmasked output, and an
-error is logged. Nothing here raises during a step, because an exception inside a worker step kills vLLM's engine.
+more distinct masks in one step than slots, or, in a server, a request that carries no tenant at all): the request
+then produces garbage instead of unmasked output, and an error is logged and counted. Nothing here raises during a step, because an exception inside a worker step kills vLLM's engine.
 
-This module knows nothing about vLLM; the version-keyed hooks in `patches/` call `assign` once per step.
+This module knows nothing about vLLM; the version-keyed hooks in `patches/` call `assign` once per step, and the
+scheduler hook asks `held_back` which waiting requests must wait for a slot.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class SlotCounters:
     evictions: int = 0
     overflows: int = 0
     unknown: int = 0
+    untagged: int = 0
 
 
 class MaskSlots:
@@ -57,7 +59,10 @@ class MaskSlots:
         shard: tuple[int, int],
         dtype: torch.dtype,
         device: torch.device | str,
+        deny_untagged: bool = False,
     ):
+        """`deny_untagged`: a request with no tenant gets the deny row (servers, where every request has one) instead
+        of the identity (offline engines, where no tenant means no mask)."""
         if num_slots < 1:
             raise ValueError(f"max_mask_slots must be at least 1, got {num_slots}")
         self.num_slots = num_slots
@@ -65,6 +70,7 @@ class MaskSlots:
         self.intermediate_size = intermediate_size
         self.shard = shard
         self.device = torch.device(device)
+        self.deny_untagged = deny_untagged
         with torch.inference_mode(False):
             self.keep = torch.ones(
                 num_layers, num_slots + RESERVED_SLOTS, shard[1] - shard[0], dtype=dtype, device=self.device
@@ -97,6 +103,7 @@ class MaskSlots:
             "evictions": self.counters.evictions,
             "overflows": self.counters.overflows,
             "unknown": self.counters.unknown,
+            "untagged": self.counters.untagged,
         }
 
     # --- data plane (once per step, before the forward) ------------------------------------------------------------
@@ -114,7 +121,11 @@ class MaskSlots:
 
     def _slot_for(self, tenant: str | None, step: dict[str | None, int], live: Callable[[], set[str]]) -> int:
         if tenant is None:
-            return IDENTITY_SLOT
+            if not self.deny_untagged:
+                return IDENTITY_SLOT
+            self.counters.untagged += 1
+            logger.error("depn: a request with no tenant reached the model; its tokens use the deny row")
+            return DENY_SLOT
         mask = self._masks.get(tenant)
         if mask is None:
             self.counters.unknown += 1
@@ -156,3 +167,30 @@ class MaskSlots:
         if self.device.type == "cuda":
             rows = rows.pin_memory()  # the caching host allocator keeps it alive until the copy has run
         self.keep[:, slot].copy_(rows, non_blocking=True)
+
+
+def held_back(running: set[str], waiting: Sequence[tuple[str | None, float]], slots: int, now: float,
+              fair_after: float) -> list[int]:
+    """Positions in `waiting` ((tenant, arrival time), in queue order) of the requests that must wait so that at
+    most `slots` distinct masks are in flight; `running`: the tenants with requests in flight.
+
+    A running tenant's requests go ahead and new tenants take free slots in queue order, like vLLM's `max_loras` —
+    until the first request held for want of a slot has waited `fair_after` seconds. Then the next slot is that
+    tenant's: a free one at once, else nothing else starts while the running tenants drain. So no tenant waits longer
+    than `fair_after` plus the time the requests in flight of one tenant take to finish.
+    """
+    tenants = set(running)
+    starving = next((t for t, arrived in waiting if t is not None and t not in tenants and now - arrived > fair_after),
+                    None)
+    if starving is not None and len(tenants) < slots:
+        tenants.add(starving)  # a free slot: it is the starving tenant's, whatever the queue order
+        starving = None
+    held = []
+    for position, (tenant, _) in enumerate(waiting):
+        if tenant is None:
+            continue
+        if starving is None and (tenant in tenants or len(tenants) < slots):
+            tenants.add(tenant)
+        else:  # no slot for it, or the running tenants drain until one frees for the starving tenant
+            held.append(position)
+    return held

@@ -3,11 +3,14 @@ and a prefix-cache salt keyed by tenant and mask version."""
 
 from __future__ import annotations
 
-from depn_serve_patches import max_mask_slots
+import time
+
+from depn_serve_patches import mask_wait_s, max_mask_slots
 from vllm.config.scheduler import SchedulerConfig
 from vllm.v1.engine.core import EngineCore
 
 from depn_serve.serving.request import MaskRequest, cache_salt, tenant_of
+from depn_serve.serving.slots import held_back
 
 
 def _tenant(request) -> str | None:
@@ -17,15 +20,15 @@ def _tenant(request) -> str | None:
 
 class MaskBudget:
     """Mixed into whichever scheduler vLLM picks (async or not): a waiting request whose mask would be one too
-    many stays waiting.
-
-    Like vLLM's `max_loras`: running requests keep their slots; a new request is admitted only if its tenant is
-    already running or a slot is still free. Held requests go back to the front of the queue in their order.
+    many stays waiting (`held_back`: running tenants keep their slots, new tenants take free ones, and a tenant held
+    longer than `mask_wait_s` gets the next slot that frees). Held requests go back to the front of the queue in
+    their order.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.depn_slots = max_mask_slots(self.vllm_config)
+        self.depn_wait = mask_wait_s(self.vllm_config)
 
     def schedule(self, *args, **kwargs):
         held = self._hold_excess_tenants() if self.depn_slots is not None else []
@@ -36,19 +39,14 @@ class MaskBudget:
                 self.waiting.prepend_requests(reversed(held))
 
     def _hold_excess_tenants(self) -> list:
-        tenants = {_tenant(r) for r in self.running} | {_tenant(r) for r in self.kv_holding_waiting}
-        tenants.discard(None)
-        if len(tenants) + len(self.waiting) <= self.depn_slots:
+        running = {_tenant(r) for r in self.running} | {_tenant(r) for r in self.kv_holding_waiting}
+        running.discard(None)
+        if len(running) + len(self.waiting) <= self.depn_slots:
             return []  # every waiting request fits, whatever its tenant: skip the scan
-        held = []
-        for request in self.waiting:
-            tenant = _tenant(request)
-            if tenant is None or tenant in tenants:
-                continue
-            if len(tenants) < self.depn_slots:
-                tenants.add(tenant)
-            else:
-                held.append(request)
+        waiting = list(self.waiting)
+        positions = held_back(running, [(_tenant(r), r.arrival_time) for r in waiting], self.depn_slots,
+                              time.time(), self.depn_wait)
+        held = [waiting[i] for i in positions]
         if held:
             self.waiting.remove_requests(held)
         return held

@@ -3,6 +3,8 @@ binding. Only `depn serve` calls `run`; nothing here is installed by the plugin.
 
 from __future__ import annotations
 
+import copy
+import os
 from http import HTTPStatus
 
 from vllm.exceptions import GracefulHTTPError, VLLMValidationError
@@ -26,8 +28,15 @@ def parse_args(argv: list[str]):
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     args = make_arg_parser(FlexibleArgumentParser(prog="depn serve")).parse_args(argv)
-    if args.api_key:
-        raise DepnError("--api-key: depn serve authenticates with the tenants file; remove vLLM's --api-key")
+    if args.api_key or os.environ.get("VLLM_API_KEY"):
+        raise DepnError("--api-key / VLLM_API_KEY: depn serve authenticates with the tenants file; remove vLLM's "
+                        "API key")
+    # Both split one request's tokens across micro-batches or ranks in ways the per-token mask index does not follow.
+    if args.enable_dbo:
+        raise DepnError("--enable-dbo: dual-batch overlap is not supported with per-tenant masks")
+    if (args.prefill_context_parallel_size or 1) > 1:
+        raise DepnError("--prefill-context-parallel-size: prefill context parallelism is not supported with "
+                        "per-tenant masks")
     if (args.api_server_count or 1) > 1:
         raise DepnError("--api-server-count: depn serve runs one API server process (tenant state lives there)")
     validate_parsed_serve_args(args)
@@ -90,6 +99,9 @@ def _bind_requests(state: ServingState) -> None:
         except Refused as exc:
             state.metrics.refused.labels(str(exc.status)).inc()
             raise GracefulHTTPError(exc.message, HTTPStatus(exc.status)) from None
+        # A copy: vLLM reuses the caller's params across the requests one API call fans out into (beam search,
+        # generative scoring), and each of them must pass the reserved-key check above.
+        params = copy.copy(params)
         params.extra_args = {**(params.extra_args or {}), **MaskRequest(tenant, version).to_extra_args()}
         state.metrics.requests.labels(state.metrics.tenant_label(tenant)).inc()
         return await add_request(self, request_id, prompt, params, *args, **kwargs)
@@ -97,11 +109,17 @@ def _bind_requests(state: ServingState) -> None:
     async def patched_generate(self, prompt, sampling_params, request_id, *args, **kwargs):
         tenant = current_tenant.get()
         delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
-        async for output in generate(self, prompt, sampling_params, request_id, *args, **kwargs):
-            if tenant is not None and (delta or output.finished):
-                count = sum(len(c.token_ids) for c in output.outputs)
-                state.metrics.generated_tokens.labels(state.metrics.tenant_label(tenant)).inc(count)
-            yield output
+        waiting = object()
+        state.metrics.waiting(waiting)
+        try:
+            async for output in generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+                state.metrics.started(waiting)
+                if tenant is not None and (delta or output.finished):
+                    count = sum(len(c.token_ids) for c in output.outputs)
+                    state.metrics.generated_tokens.labels(state.metrics.tenant_label(tenant)).inc(count)
+                yield output
+        finally:
+            state.metrics.started(waiting, first_token=False)
 
     AsyncLLM.add_request = patched_add_request
     AsyncLLM.generate = patched_generate

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from depn_serve_patches import max_mask_slots
+from depn_serve_patches import deny_untagged, max_mask_slots
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import RowParallelLinear, UnquantizedLinearMethod
 from vllm.model_executor.models.utils import PPMissingLayer
@@ -30,7 +30,7 @@ NOT_A_TENANT = ""  # requests without sampling params (pooling) get the deny row
 class WorkerMasks:
     """The worker's tables and index buffer; created once the model is loaded."""
 
-    def __init__(self, runner: GPUModelRunner, num_slots: int):
+    def __init__(self, runner: GPUModelRunner, num_slots: int, deny: bool):
         hf = runner.model_config.hf_config
         if hf.model_type not in SERVABLE_MODEL_TYPES:
             raise RuntimeError(
@@ -43,7 +43,7 @@ class WorkerMasks:
         start = first.tp_rank * width
         self.slots = MaskSlots(
             num_slots, hf.num_hidden_layers, hf.intermediate_size, (start, start + width),
-            runner.model_config.dtype, runner.device,
+            runner.model_config.dtype, runner.device, deny_untagged=deny,
         )
         self.index = runner._make_buffer(runner.max_num_tokens, dtype=torch.int32)
         for layer, down in downs.items():
@@ -123,7 +123,7 @@ def install() -> None:
                 f"depn-serve hooks vLLM's V1 model runner, but this worker runs {type(self.model_runner).__name__}"
                 " (Model Runner V2 is forced by a feature you enabled, or VLLM_USE_V2_MODEL_RUNNER=1)"
             )
-        self.model_runner._depn = WorkerMasks(self.model_runner, num_slots)
+        self.model_runner._depn = WorkerMasks(self.model_runner, num_slots, deny_untagged(self.vllm_config))
 
     def patched_prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         result = prepare_inputs(self, scheduler_output, num_scheduled_tokens)
@@ -141,6 +141,11 @@ class DepnWorkerExtension:
 
     def depn_bind(self, tenant: str, version: int, packed: bytes | None) -> None:
         self.model_runner._depn.slots.bind(tenant, version, packed)
+
+    def depn_bind_many(self, binds: list[tuple[str, int, bytes | None]]) -> None:
+        """Every tenant at start-up in one call (thousands of tenants would otherwise be thousands of calls)."""
+        for tenant, version, packed in binds:
+            self.model_runner._depn.slots.bind(tenant, version, packed)
 
     def depn_status(self) -> dict:
         return self.model_runner._depn.slots.status()

@@ -127,6 +127,8 @@ def test_isolate_verify_and_the_matrix(tmp_path, tiny_model_dir, tiny_records_fi
     manifest = NeuronMask.load(union / "globex.safetensors").manifest
     assert manifest.provenance.method == "depn-fit-union"
     assert manifest.provenance.aggregator["union_of"] == ["forget tenant=acme"]
+    report = json.loads((union / "isolation.json").read_text())  # globex's own records were never fitted
+    assert report["fit_seconds"] == report["tenants"][0]["fit_seconds"] > 0
     res = _run("isolate", "--model", tiny_model_dir, "--records", tiny_records_file, "--keep-text", text,
                "--valid", text, "--out", union, "--tenant", "initech", *fast)
     assert res.exit_code == 1 and "tenants ['initech'] have no records" in res.output

@@ -68,6 +68,8 @@ class TenantListing(_Body):
     masked_neurons: int
     allow_unmasked: bool
     missing: list[str] = Field(description="masks the tenant uses that are not pushed yet (it is refused until then)")
+    problem: str | None = Field(None, description="why the tenant is quarantined: a stored mask failed its checks "
+                                                  "(push a good one under the same id, or drop it)")
     resident: bool = Field(description="the tenant's current masks are loaded in a device slot")
 
 

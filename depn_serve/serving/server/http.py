@@ -2,9 +2,11 @@
 
 Every request passes through `AuthMiddleware` (pure ASGI, so streaming responses and context variables work):
 - `/health`, `/ping`, `/version` and `/metrics` are open (probes and Prometheus);
-- `/depn/...` needs the admin token, and a tenant key gets 403 there;
-- everything else needs a tenant key (or the anonymous tenant) and sets `current_tenant` for the request, which the
-  engine hook reads; no header or body field can set it.
+- the inference routes in `TENANT_ROUTES` need a tenant key (or the anonymous tenant) and set `current_tenant` for
+  the request, which the engine hook reads; no header or body field can set it;
+- every other path (`/depn/...` and vLLM's own operator routes: `/collective_rpc`, `/sleep`, `/pause`,
+  `/scale_elastic_ep`, stored Responses, ...) needs the admin token; a tenant key gets 403 there.
+An `Authorization` header that is not `Bearer <token>` is refused, never read as "no key".
 """
 
 from __future__ import annotations
@@ -20,14 +22,31 @@ from depn_serve.serving.server.state import Refused, ServingState
 current_tenant: ContextVar[str | None] = ContextVar("depn_current_tenant", default=None)
 
 OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
-ADMIN_PREFIX = "/depn/"
+# What a tenant key may reach: generation under its mask, and the model list and tokenizer it needs for that.
+# Stored Responses (`/v1/responses`) are not scoped to a tenant by vLLM, so they stay admin-only.
+TENANT_ROUTES: dict[str, frozenset[str]] = {
+    "/v1/completions": frozenset({"POST"}),
+    "/v1/chat/completions": frozenset({"POST"}),
+    "/generative_scoring": frozenset({"POST"}),
+    "/v1/models": frozenset({"GET"}),
+    "/tokenize": frozenset({"POST"}),
+    "/detokenize": frozenset({"POST"}),
+}
+METRICS_MAX_AGE = 1.0  # seconds a scrape may reuse the workers' status: at most one engine call per second
+
+
+class BadAuthorization(ValueError):
+    pass
 
 
 def _bearer(scope) -> str | None:
+    """The bearer token, None if there is no `Authorization` header; any other scheme is an error."""
     for name, value in scope.get("headers", []):
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else None
+            if scheme.lower() != "bearer" or not token.strip():
+                raise BadAuthorization("Authorization: expected 'Bearer <key>'")
+            return token.strip()
     return None
 
 
@@ -53,30 +72,36 @@ class AuthMiddleware:
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):] or "/"
-        if path.rstrip("/") in OPEN_PATHS or scope["method"] == "OPTIONS":
-            if path.rstrip("/") == "/metrics":
+        route = path.rstrip("/") or "/"
+        if route in OPEN_PATHS or scope["method"] == "OPTIONS":
+            if route == "/metrics":
                 try:
-                    await self.state.worker_status()
+                    await self.state.worker_status(max_age=METRICS_MAX_AGE)
                 except Exception:  # a scrape must not fail because a worker is busy restarting
                     pass
             return await self.app(scope, receive, send)
-        token = _bearer(scope)
-        if path.startswith(ADMIN_PREFIX):
+        try:
+            token = _bearer(scope)
+        except BadAuthorization as exc:
+            return await self._refuse(send, Refused(401, str(exc)))
+        if scope["method"] not in TENANT_ROUTES.get(route, ()):
             if self.state.is_admin(token):
                 return await self.app(scope, receive, send)
-            status = 401 if not token else 403
-            return await _send_error(send, status, "this route needs the admin token")
+            return await self._refuse(send, Refused(401 if not token else 403, "this route needs the admin token"))
         try:
-            tenant = self.state.authenticate(token)
+            tenant = await self.state.authenticate(token)
             self.state.admit(tenant.id)
         except Refused as exc:
-            self.state.metrics.refused.labels(str(exc.status)).inc()
-            return await _send_error(send, exc.status, exc.message)
+            return await self._refuse(send, exc)
         reset = current_tenant.set(tenant.id)
         try:
             await self.app(scope, receive, send)
         finally:
             current_tenant.reset(reset)
+
+    async def _refuse(self, send, exc: Refused) -> None:
+        self.state.metrics.refused.labels(str(exc.status)).inc()
+        await _send_error(send, exc.status, exc.message)
 
 
 def admin_router(state: ServingState) -> APIRouter:

@@ -8,6 +8,8 @@ Worker-side figures (slots, loads, evictions) are fetched from the workers when 
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -40,8 +42,35 @@ class DepnMetrics:
             "Masks in use without a passing verification certificate (only with --allow-unverified)",
             registry=registry,
         )
+        self.quarantined = Gauge(
+            "depn_tenants_quarantined",
+            "Tenants refused because a stored mask failed its checks at start-up (changed on disk, wrong model, "
+            "no passing certificate); `depn masks list` says why",
+            registry=registry,
+        )
+        self.tenants_file = Gauge("depn_tenants_file", "The tenants file in force (1), by the start of its SHA-256",
+                                  ["sha256"], registry=registry)
+        self.tenants_file_ok = Gauge(
+            "depn_tenants_file_ok", "0 while a changed tenants file cannot be applied (tenant requests get 503)",
+            registry=registry)
         self.worker_status: dict = {}
+        self._waiting: dict[object, float] = {}  # requests in flight without a first token -> when they came
+        self.longest_wait = 0.0  # the longest any request waited for its first token, since start
         registry.register(_WorkerCollector(self))
+        registry.register(_WaitCollector(self))
+
+    def waiting(self, request: object) -> None:
+        self._waiting[request] = time.monotonic()
+
+    def started(self, request: object, first_token: bool = True) -> None:
+        """The request's first token came (or, with `first_token=False`, it ended without one)."""
+        since = self._waiting.pop(request, None)
+        if since is not None and first_token:
+            self.longest_wait = max(self.longest_wait, time.monotonic() - since)
+
+    def current_wait(self) -> float:
+        now = time.monotonic()
+        return max((now - since for since in self._waiting.values()), default=0.0)
 
     def tenant_label(self, tenant: str) -> str:
         if tenant in self._labels:
@@ -71,5 +100,25 @@ class _WorkerCollector:
             ("loads", "Masks loaded into a slot"),
             ("evictions", "Resident masks evicted (LRU) to make room"),
             ("overflows", "Requests that found no free slot (should stay 0: the scheduler holds them back)"),
+            ("untagged", "Steps in which a request without a tenant reached the model (deny row; should stay 0)"),
         ):
-            yield CounterMetricFamily(f"depn_mask_slot_{name}", doc, value=status[name])
+            yield CounterMetricFamily(f"depn_mask_slot_{name}", doc, value=status.get(name, 0))
+
+
+class _WaitCollector:
+    """How long requests wait for their first token: queued for a mask slot (and the prefill). The scheduler bounds
+    the slot queue (`held_back`); these show the bound holds."""
+
+    def __init__(self, metrics: DepnMetrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        yield GaugeMetricFamily("depn_first_token_wait_seconds",
+                                "The longest wait of a request in flight that has no token yet",
+                                value=self.metrics.current_wait())
+        yield GaugeMetricFamily("depn_first_token_wait_max_seconds",
+                                "The longest any request waited for its first token since start",
+                                value=self.metrics.longest_wait)

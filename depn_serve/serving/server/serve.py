@@ -13,7 +13,7 @@ from depn_serve.core.errors import DepnError
 from depn_serve.core.fingerprint import model_fingerprint
 from depn_serve.serving.server.api import read_admin_token
 from depn_serve.serving.server.metrics import DepnMetrics
-from depn_serve.serving.server.state import Refused, ServingState
+from depn_serve.serving.server.state import ServingState
 from depn_serve.serving.server.store import MaskStore
 
 MANAGED_OPTIONS = ("--worker-extension-cls", "--additional-config", "--model")
@@ -44,7 +44,8 @@ def serve(
     for option in MANAGED_OPTIONS:
         if any(arg == option or arg.startswith(option + "=") for arg in vllm_argv):
             raise ServeError(f"{option} is set by depn serve; remove it from the vLLM options")
-    engine = depn_serve_patches.engine_kwargs(max_mask_slots)  # also enables the plugin for vLLM's processes
+    # Also enables the plugin for vLLM's processes; in a server every request has a tenant, so one without is denied.
+    engine = depn_serve_patches.engine_kwargs(max_mask_slots, deny_untagged=True)
     hooks = depn_serve_patches.versioned().frontend_hooks()
     args = hooks.parse_args([
         *vllm_argv, "--model", str(model),
@@ -63,9 +64,6 @@ def serve(
     if allow_unverified:
         logging.getLogger("depn_serve.serving").warning(
             "depn-serve: --allow-unverified: masks without a passing verification certificate will be served")
-    try:
-        state.prepare()
-    except Refused as exc:
-        raise ServeError(f"mask store {mask_store}: {exc.message}") from None
+    state.prepare()  # a mask that fails its checks quarantines its tenant; the others serve
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "depn-serve" / "vllm"))
     hooks.run(args, state)

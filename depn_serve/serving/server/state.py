@@ -1,21 +1,28 @@
 """The server's view of tenants and masks: who may run, with which union of masks and version, and the admin
-operations that change it. Version-agnostic; the engine is reached only through an `rpc(method, args)` coroutine that runs a
-worker-extension method in every worker.
+operations that change it. Version-agnostic; the engine is reached only through an `rpc(method, args)` coroutine
+that runs a worker-extension method in every worker.
 
-Order of every change: validate, write the store atomically, bind in the workers, then switch the server's own
-view. If binding in a worker fails the store is rolled back, so a rejected or failed change leaves the active mask in place.
+Order of every change: validate, bind the new union in the workers, write the store (the commit point: what a
+restart restores), then switch the server's own view. If the workers refuse or the store cannot be written, the
+workers get the old union back and the store is untouched, so a rejected or failed change leaves the active mask
+in place and a crash never activates a change that was not acknowledged. A stored mask that fails its checks at
+start-up (changed on disk, for another model, no passing certificate) quarantines only its tenant: refused with
+503, counted, and explained in the log and in `depn masks list`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -24,12 +31,13 @@ from depn_serve.core.arch import MlpShape
 from depn_serve.core.fingerprint import ModelFingerprint
 from depn_serve.serving.server.api import DropResult, ListedMask, MaskListing, PushResult, TenantListing
 from depn_serve.serving.server.metrics import DepnMetrics
-from depn_serve.serving.server.store import Checkpoint, MaskStore, StoreError
+from depn_serve.serving.server.store import MaskStore, StoreError, check_id
 from depn_serve.serving.server.tenants import Tenant, TenantsConfig, TenantsError
 
 logger = logging.getLogger("depn_serve.serving")
 
 Rpc = Callable[[str, tuple], Awaitable[list]]
+T = TypeVar("T")
 
 
 class Refused(Exception):
@@ -49,10 +57,16 @@ class MaskUnion:
     mask_ids: tuple[str, ...]
     off: torch.Tensor | None  # union of the masks; None = no mask
     missing: tuple[str, ...] = ()  # listed but not pushed yet: the tenant is refused until they are
+    problem: str | None = None  # a stored mask failed its checks: the tenant is quarantined (refused) until fixed
 
     @property
     def neurons(self) -> int:
         return 0 if self.off is None else int(self.off.sum())
+
+    @property
+    def masked(self) -> bool:
+        """Whether the tenant's requests run with at least one neuron switched off."""
+        return self.neurons > 0
 
 
 class ServingState:
@@ -73,35 +87,57 @@ class ServingState:
         self._admin_digest = hashlib.sha256(admin_token.encode()).digest()
         self.metrics = metrics
         self.allow_unverified = allow_unverified
+        self._tenants_stamp = _stamp(self.tenants_path)
         self.tenants = TenantsConfig.load(self.tenants_path)
-        self._tenants_mtime = self.tenants_path.stat().st_mtime_ns
+        self._index = self.tenants.index()
+        self._tenants_problem: str | None = None  # the file changed and could not be applied: requests are refused
+        self._reloading = False
+        self._tenants_digest = ""
+        self._tenants_applied(self.tenants_path.read_bytes())
         self.unions: dict[str, MaskUnion] = {}
         self._version = 0
         self._lock = asyncio.Lock()
         self._rpc: Rpc | None = None
         self._planned: dict[str, MaskUnion] = {}
+        self._status_lock = asyncio.Lock()
+        self._status_at: float | None = None  # monotonic time of the last worker status
 
     # --- start-up -------------------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Load and check every stored mask the tenants use, before vLLM starts (a bad mask stops start-up)."""
-        self._planned = {t.id: self._union(self.mask_ids(t)) for t in self.tenants.tenants}
+        """Load and check every stored mask the tenants use, before vLLM starts; a bad one quarantines its tenant."""
+        self.store.migrate({t.id: t.masks for t in self.tenants.tenants})
+        self._planned = {t.id: self._checked_union(t) for t in self.tenants.tenants}
         for tenant_id, union in self._planned.items():
             if union.missing:
                 logger.warning("depn-serve: tenant %r is refused until masks %s are pushed", tenant_id, union.missing)
 
+    def _checked_union(self, tenant: Tenant, ids: list[str] | None = None) -> MaskUnion:
+        ids = self.mask_ids(tenant) if ids is None else ids
+        try:
+            return self._union(tenant.id, ids)
+        except Refused as exc:
+            logger.error("depn-serve: tenant %r is quarantined (refused until its masks are fixed): %s", tenant.id,
+                         exc.message)
+            self._version += 1
+            return MaskUnion(self._version, tuple(ids), None, problem=exc.message)
+
     async def start(self, rpc: Rpc) -> None:
-        """Bind every tenant's masks in the workers, before the server reports healthy."""
+        """Bind every tenant's masks in the workers (one engine call for all), before the server reports healthy."""
         self._rpc = rpc
-        for tenant in self.tenants.tenants:
-            union = self._planned.get(tenant.id) or self._union(self.mask_ids(tenant))
-            await self._bind(tenant, union)
-            self._commit(tenant.id, union)
-        logger.info("depn-serve: %d tenants bound, %d masks in the store", len(self.unions), len(self.store.index.masks))
+        unions = {t.id: self._planned.get(t.id) or self._checked_union(t) for t in self.tenants.tenants}
+        binds = [b for t in self.tenants.tenants if (b := self._binding(t, unions[t.id])) is not None]
+        await self._rpc("depn_bind_many", (binds,))
+        for tenant_id, union in unions.items():
+            self._commit(tenant_id, union)
+        logger.info("depn-serve: %d tenants bound, %d masks in the store", len(self.unions),
+                    sum(len(m) for m in self.store.index.masks.values()))
 
     # --- requests ----------------------------------------------------------------------------------------------
-    def authenticate(self, key: str | None) -> Tenant:
-        self._reload_tenants()
-        tenant = self.tenants.authenticate(key)
+    async def authenticate(self, key: str | None) -> Tenant:
+        await self.refresh_tenants()
+        if self._tenants_problem is not None:
+            raise Refused(503, "the server's tenant configuration is being repaired; try again later")
+        tenant = self._index.authenticate(key)
         if tenant is None:
             raise Refused(401, "missing API key" if not key else "unknown API key")
         return tenant
@@ -109,10 +145,15 @@ class ServingState:
     def admit(self, tenant_id: str) -> int:
         """The mask version a new request of this tenant runs with, or 403 if it has no mask it may run with."""
         union = self.unions.get(tenant_id)
-        tenant = self._tenant(tenant_id)
+        tenant = self._index.find(tenant_id)  # not `tenants.tenant`: its error lists every tenant
+        if tenant is None:
+            raise Refused(403, f"tenant {tenant_id!r} is not configured")
+        if union is not None and union.problem:
+            raise Refused(503, f"tenant {tenant_id!r} cannot be served: one of its stored masks failed its checks "
+                               "(the operator sees why in `depn masks list`)")
         if union is not None and union.missing:
             raise Refused(403, f"tenant {tenant_id!r} uses masks {list(union.missing)} that are not pushed yet")
-        if union is None or (union.off is None and not tenant.allow_unmasked):
+        if union is None or (not union.masked and not tenant.allow_unmasked):
             raise Refused(403, f"tenant {tenant_id!r} has no active mask and may not run unmasked")
         return union.version
 
@@ -124,21 +165,14 @@ class ServingState:
     async def push(self, tenant_id: str, mask_id: str, data: bytes) -> PushResult:
         started = time.perf_counter()
         try:
-            tenant = self._tenant(tenant_id)
-            try:
-                self.store.path(mask_id)  # validates the id
-                mask = NeuronMask.from_bytes(data, source=f"pushed mask {mask_id!r}")
-                mask.check_model(self.fingerprint, self.shape, source=f"pushed mask {mask_id!r}")
-                verification = self.gate(mask, f"pushed mask {mask_id!r}")
-            except (MaskError, StoreError) as exc:
-                raise Refused(400, str(exc)) from None
+            tenant = await self._tenant(tenant_id)
+            # Parsing and checking a mask takes milliseconds to seconds: off the event loop, which serves tokens.
+            mask, verification = await asyncio.to_thread(self._validate, mask_id, data)
             async with self._lock:
-                checkpoint = self.store.checkpoint(mask_id)
-                entry = self.store.put(mask_id, data, mask)
-                if mask_id not in self.mask_ids(tenant):
-                    self.store.set_tenant_masks(tenant.id, [*self.mask_ids(tenant), mask_id])
-                affected = [t for t in self.tenants.tenants if mask_id in self.mask_ids(t)]
-                await self._apply(affected, checkpoint)
+                ids = self.mask_ids(tenant)
+                ids = ids if mask_id in ids else [*ids, mask_id]
+                entry = await self._change(tenant, self._union(tenant.id, ids, {mask_id: mask}),
+                                           lambda: self.store.put(tenant.id, mask_id, data, mask, ids))
         except Refused as exc:
             self.metrics.pushes.labels("rejected" if exc.status < 500 else "failed").inc()
             raise
@@ -148,16 +182,14 @@ class ServingState:
                           tenant_neurons=self.unions[tenant.id].neurons, verification=verification)
 
     async def drop(self, tenant_id: str, mask_id: str) -> DropResult:
-        tenant = self._tenant(tenant_id)
+        tenant = await self._tenant(tenant_id)
         async with self._lock:
             ids = self.mask_ids(tenant)
             if mask_id not in ids:
                 raise Refused(404, f"tenant {tenant.id!r} does not use mask {mask_id!r} (it uses {ids})")
-            checkpoint = self.store.checkpoint(mask_id)
-            self.store.set_tenant_masks(tenant.id, [i for i in ids if i != mask_id])
-            if not any(mask_id in self.mask_ids(t) for t in self.tenants.tenants):
-                self.store.remove(mask_id)
-            await self._apply([tenant], checkpoint)
+            rest = [i for i in ids if i != mask_id]
+            await self._change(tenant, self._union(tenant.id, rest),
+                               lambda: self.store.remove(tenant.id, mask_id, rest))
         try:
             self.admit(tenant.id)
             servable = True
@@ -167,26 +199,46 @@ class ServingState:
                           servable=servable)
 
     async def listing(self) -> MaskListing:
+        await self.refresh_tenants()
         status = await self.worker_status()
         resident = status.get("resident", {})
         tenants = []
         for tenant in self.tenants.tenants:
             union = self.unions.get(tenant.id)
             fields = {"version", "neurons", "built_for", "verification"}
-            masks = [ListedMask(id=i, **self.store.index.masks[i].model_dump(include=fields))
-                     for i in (union.mask_ids if union else ()) if i in self.store.index.masks]
+            entries = [(i, self.store.index.entry(tenant.id, i)) for i in (union.mask_ids if union else ())]
+            masks = [ListedMask(id=i, **e.model_dump(include=fields)) for i, e in entries if e is not None]
             tenants.append(TenantListing(
                 tenant=tenant.id, masks=masks, mask_version=union.version if union else None,
                 masked_neurons=union.neurons if union else 0, allow_unmasked=tenant.allow_unmasked,
-                missing=list(union.missing) if union else [],
+                missing=list(union.missing) if union else [], problem=union.problem if union else None,
                 resident=resident.get(tenant.id) == (union.version if union else None),
             ))
         return MaskListing(tenants=tenants, slots=status.get("slots"), resident=len(resident))
 
-    async def worker_status(self) -> dict:
-        status = (await self._rpc("depn_status", ()))[0]
-        self.metrics.worker_status = status
-        return status
+    async def worker_status(self, max_age: float = 0.0) -> dict:
+        """The workers' slot status, reused if fetched less than `max_age` seconds ago: concurrent callers share one
+        engine call, so a flood of /metrics scrapes costs the engine at most one call per `max_age`."""
+        async with self._status_lock:
+            if self._status_at is not None and time.monotonic() - self._status_at <= max_age:
+                return self.metrics.worker_status
+            status = (await self._rpc("depn_status", ()))[0]
+            self.metrics.worker_status, self._status_at = status, time.monotonic()
+            return status
+
+    def _validate(self, mask_id: str, data: bytes) -> tuple[NeuronMask, str]:
+        """The pushed mask, checked against the id rules, the model and the gate; what to tell the pusher."""
+        source = f"pushed mask {mask_id!r}"
+        try:
+            check_id("mask id", mask_id)
+            mask = NeuronMask.from_bytes(data, source=source)
+            mask.check_model(self.fingerprint, self.shape, source=source)
+            if mask.manifest.neuron_count == 0:
+                raise MaskError(source, "neuron_count", "at least one neuron switched off (a tenant that may run with "
+                                "nothing masked is one with allow_unmasked)", "0")
+            return mask, self.gate(mask, source)
+        except (MaskError, StoreError) as exc:
+            raise Refused(400, str(exc)) from None
 
     def gate(self, mask: NeuronMask, source: str) -> str:
         """Refuse a mask without a passing certificate (its model is checked already: a certificate names the
@@ -206,71 +258,164 @@ class ServingState:
         """The store's run-time list replaces the tenants file's once a push or drop changed the tenant's masks."""
         return list(self.store.index.tenant_masks.get(tenant.id, tenant.masks))
 
-    def _tenant(self, tenant_id: str) -> Tenant:
-        self._reload_tenants()
-        try:
-            return self.tenants.tenant(tenant_id)
-        except TenantsError as exc:
-            raise Refused(404, str(exc)) from None
+    async def _tenant(self, tenant_id: str) -> Tenant:
+        await self.refresh_tenants()
+        tenant = self._index.find(tenant_id)
+        if tenant is None:
+            raise Refused(404, f"no tenant {tenant_id!r} in {self.tenants_path}")
+        return tenant
 
-    def _reload_tenants(self) -> None:
-        """Pick up keys and tenants added with `depn tenants add` while the server runs (a bad file is ignored)."""
+    # --- the tenants file, changed while serving ---------------------------------------------------------------------
+    async def refresh_tenants(self) -> None:
+        """Apply the tenants file if it changed since it was last read: parsed once per change, applied entirely
+        (keys, tenants, `allow_unmasked`, `masks`) or not at all. A file that cannot be applied refuses every tenant
+        request (503) until it is fixed, so a revocation saved with a typo never leaves the revoked key working."""
+        if _stamp(self.tenants_path) == self._tenants_stamp or self._reloading:
+            return  # requests arriving during a reload go on with the tenants in force until it is applied
+        self._reloading = True
         try:
-            mtime = self.tenants_path.stat().st_mtime_ns
-            if mtime == self._tenants_mtime:
+            await self._reload_tenants()
+        finally:
+            self._reloading = False
+
+    async def _reload_tenants(self) -> None:
+        async with self._lock:
+            stamp = _stamp(self.tenants_path)
+            if stamp == self._tenants_stamp:
                 return
-            self.tenants = TenantsConfig.load(self.tenants_path)
-            self._tenants_mtime = mtime
-        except (OSError, TenantsError) as exc:
-            logger.error("depn-serve: keeping the previous tenants, the file could not be reloaded: %s", exc)
+            self._tenants_stamp = stamp
+            try:
+                data = await asyncio.to_thread(self.tenants_path.read_bytes)
+                config = await asyncio.to_thread(TenantsConfig.parse, data, self.tenants_path)
+                await self._apply_tenants(config)
+            except Exception as exc:  # a broken file, or workers that refused the new masks: nothing applied
+                self._tenants_problem = str(exc.message if isinstance(exc, Refused) else exc)
+                self.metrics.tenants_file_ok.set(0)
+                logger.error("depn-serve: the tenants file %s could not be applied (tenant requests get 503 until it "
+                             "is fixed): %s", self.tenants_path, self._tenants_problem)
+                return
+            self._tenants_problem = None
+            self._tenants_applied(data)
 
-    def _union(self, mask_ids: list[str]) -> MaskUnion:
+    def _tenants_applied(self, data: bytes) -> None:
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        if self._tenants_digest:
+            self.metrics.tenants_file.remove(self._tenants_digest)
+        self._tenants_digest = digest
+        self.metrics.tenants_file.labels(digest).set(1)
+        self.metrics.tenants_file_ok.set(1)
+        logger.info("depn-serve: tenants file %s (sha256 %s…) active: %d tenants", self.tenants_path, digest,
+                    len(self.tenants.tenants))
+
+    async def _apply_tenants(self, config: TenantsConfig) -> None:
+        """Bind what changed for each tenant (new tenants, `allow_unmasked`, `masks`), then switch to `config`. A
+        tenant whose `masks` changed in the file follows the file again, whatever was pushed or dropped since."""
+        old, index = self._index, config.index()
+        edited = {t.id for t in config.tenants if (o := old.find(t.id)) is None or o.masks != t.masks}
+        overrides = {t: ids for t, ids in self.store.index.tenant_masks.items() if t not in edited}
+        plans: dict[str, tuple[Tenant, MaskUnion]] = {}
+        for tenant in config.tenants:
+            ids, before, union = overrides.get(tenant.id, tenant.masks), old.find(tenant.id), self.unions.get(tenant.id)
+            if before is None or union is None or before.allow_unmasked != tenant.allow_unmasked or \
+                    list(union.mask_ids) != ids:
+                plans[tenant.id] = (tenant, self._checked_union(tenant, ids))
+        bound: list[str] = []
+        try:
+            for tenant, union in plans.values():
+                await self._bind(tenant, union)
+                bound.append(tenant.id)
+            if edited & set(self.store.index.tenant_masks):
+                self.store.follow_file(sorted(edited))
+        except Exception:
+            for tenant_id in bound:
+                if tenant_id in self.unions and old.find(tenant_id) is not None:
+                    try:
+                        await self._bind(old.find(tenant_id), self.unions[tenant_id])
+                    except Exception as again:
+                        logger.error("depn-serve: could not re-bind tenant %r: %s", tenant_id, again)
+            raise
+        self.tenants, self._index = config, index
+        for tenant_id in set(self.unions) - set(index.by_id):
+            del self.unions[tenant_id]  # removed: its keys no longer authenticate, admission refuses it
+        for tenant_id, (_, union) in plans.items():
+            self._commit(tenant_id, union)
+
+    def _union(self, tenant_id: str, mask_ids: list[str], pushed: dict[str, NeuronMask] | None = None) -> MaskUnion:
+        """The union of the tenant's masks, each loaded from the store and checked (or the one being pushed)."""
+        pushed = pushed or {}
         off = None
-        missing = tuple(i for i in mask_ids if i not in self.store.index.masks)
+        missing = tuple(i for i in mask_ids if i not in pushed and self.store.index.entry(tenant_id, i) is None)
         for mask_id in mask_ids:
             if mask_id in missing:
                 continue
+            if mask_id in pushed:
+                off = pushed[mask_id].off.clone() if off is None else off | pushed[mask_id].off
+                continue
             try:
-                mask = self.store.load(mask_id)
-                mask.check_model(self.fingerprint, self.shape, source=self.store.path(mask_id))
-                self.gate(mask, str(self.store.path(mask_id)))
+                mask = self.store.load(tenant_id, mask_id)
+                source = f"tenant {tenant_id!r} mask {mask_id!r}"
+                mask.check_model(self.fingerprint, self.shape, source=source)
+                self.gate(mask, source)
             except (MaskError, StoreError) as exc:
                 raise Refused(409, str(exc)) from None
             off = mask.off.clone() if off is None else off | mask.off
         self._version += 1
         return MaskUnion(self._version, tuple(mask_ids), off, missing)
 
+    @staticmethod
+    def _binding(tenant: Tenant, union: MaskUnion) -> tuple[str, int, bytes | None] | None:
+        """What the workers hold for the tenant, or None when it is refused at admission (then requests already
+        running finish with the mask they had)."""
+        if union.missing or union.problem or (not union.masked and not tenant.allow_unmasked):
+            return None
+        return tenant.id, union.version, pack_bits(union.off).tobytes() if union.masked else None
+
     async def _bind(self, tenant: Tenant, union: MaskUnion) -> None:
-        if union.missing or (union.off is None and not tenant.allow_unmasked):
-            return  # refused at admission; requests already running finish with the mask they had
-        packed = None if union.off is None else pack_bits(union.off).tobytes()
-        await self._rpc("depn_bind", (tenant.id, union.version, packed))
+        binding = self._binding(tenant, union)
+        if binding is not None:
+            await self._rpc("depn_bind", binding)
 
     def _commit(self, tenant_id: str, union: MaskUnion) -> None:
         self.unions[tenant_id] = union
         self.metrics.masked_neurons.labels(self.metrics.tenant_label(tenant_id)).set(union.neurons)
-        in_use = {i for u in self.unions.values() for i in u.mask_ids if i in self.store.index.masks}
-        self.metrics.unverified.set(sum(self.store.index.masks[i].verification != "passed" for i in in_use))
+        entries = [self.store.index.entry(t, i) for t, u in self.unions.items() for i in u.mask_ids]
+        self.metrics.unverified.set(sum(e is not None and e.verification != "passed" for e in entries))
+        self.metrics.quarantined.set(sum(u.problem is not None for u in self.unions.values()))
 
-    async def _apply(self, tenants: list[Tenant], checkpoint: Checkpoint) -> None:
-        """Bind the tenants' new unions in the workers; on any failure put the store and the workers back."""
-        new = {}
+    async def _change(self, tenant: Tenant, union: MaskUnion, write: Callable[[], T]) -> T:
+        """Bind the tenant's new union in the workers, then `write` the store; if either fails, the workers get the
+        old union back and nothing changed."""
         try:
-            for tenant in tenants:
-                new[tenant.id] = self._union(self.mask_ids(tenant))
-            for tenant in tenants:
-                await self._bind(tenant, new[tenant.id])
+            await self._bind(tenant, union)
+            with _store_errors():
+                written = write()
         except Exception as exc:
-            self.store.restore(checkpoint)
-            for tenant in tenants:
-                if tenant.id in self.unions:
-                    try:  # best effort: a worker that failed the new bind may still hold the old mask
-                        await self._bind(tenant, self.unions[tenant.id])
-                    except Exception as again:
-                        logger.error("depn-serve: could not re-bind tenant %r after a failed change: %s", tenant.id,
-                                     again)
+            if tenant.id in self.unions:
+                try:  # a worker that failed the new bind may still hold the old mask, the others must get it back
+                    await self._bind(tenant, self.unions[tenant.id])
+                except Exception as again:
+                    logger.error("depn-serve: could not re-bind tenant %r after a failed change: %s", tenant.id, again)
             if isinstance(exc, Refused):
                 raise
             raise Refused(500, f"the workers did not accept the mask ({exc}); nothing changed") from exc
-        for tenant_id, union in new.items():
-            self._commit(tenant_id, union)
+        self._commit(tenant.id, union)
+        return written
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file apart cheaply (an atomic save is a new inode); None if it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+@contextmanager
+def _store_errors():
+    """A store write that fails (disk full, I/O error) changed nothing: say so with a status, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+        raise Refused(status, f"the mask store could not be written ({exc.strerror or exc}); nothing changed") from None

@@ -1,15 +1,23 @@
-"""The server's mask store: a directory of mask files plus an index, so masks survive restarts.
+"""The server's mask store: a directory of mask files plus an index, so masks survive restarts and crashes.
 
-Layout: `<mask_id>.safetensors` (the pushed file, byte for byte) and `index.json` (pydantic `StoreIndex`): each
-mask's version (bumped on every push), digest and neuron count, and the tenants whose mask list was changed at run
-time (`tenant_masks`, which then replaces that tenant's `masks` from the tenants file). Every write is atomic.
+Layout: `<tenant>/<mask_id>.v<version>.safetensors` (the pushed file, byte for byte; mask ids are per tenant) and
+`index.json` (pydantic `StoreIndex`): each tenant's masks with their version (bumped on every push), SHA-256 and
+neuron count, and the tenants whose mask list was changed at run time (`tenant_masks`, which then replaces that
+tenant's `masks` from the tenants file).
+
+Crash consistency: a mask file is never rewritten in place. A change writes the new version's file (atomically),
+then the index (atomically: the commit point, which the server reaches only once the workers took the change),
+then deletes the files the index no longer names. A crash at any point leaves the old index with its files, or the
+new index with its files; files no index names (and temporary files) are swept when the store is opened. Loading
+checks each file against the index's SHA-256.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import re
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +29,10 @@ from depn_serve.core.fileio import atomic_write_bytes, atomic_write_text
 from depn_serve.serving.server.tenants import ID_PATTERN
 
 INDEX_NAME = "index.json"
+FORMAT_VERSION = 2
+SUFFIX = ".safetensors"
+
+logger = logging.getLogger("depn_serve.serving")
 
 
 class StoreError(DepnError):
@@ -31,6 +43,12 @@ def verdict(mask: NeuronMask) -> str:
     """'passed', 'failed' or 'none': what the mask's certificate says."""
     v = mask.manifest.verification
     return "none" if v is None else "passed" if v.passed else "failed"
+
+
+def check_id(kind: str, value: str) -> str:
+    if not re.fullmatch(ID_PATTERN, value):
+        raise StoreError(f"{kind} {value!r}: expected letters, digits, '.', '_' or '-' (at most 64)")
+    return value
 
 
 class StoredMask(BaseModel):
@@ -47,45 +65,76 @@ class StoredMask(BaseModel):
 class StoreIndex(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    format_version: int = Field(FORMAT_VERSION, ge=FORMAT_VERSION, le=FORMAT_VERSION)
+    masks: dict[str, dict[str, StoredMask]] = Field(default_factory=dict, description="tenant -> mask id -> mask")
+    tenant_masks: dict[str, list[str]] = Field(
+        default_factory=dict, description="tenant -> mask ids, for tenants changed by push/drop")
+
+    def entry(self, tenant: str, mask_id: str) -> StoredMask | None:
+        return self.masks.get(tenant, {}).get(mask_id)
+
+
+class LegacyIndex(BaseModel):
+    """Format 1 (before mask ids were per tenant): one namespace of mask ids, files `<mask_id>.safetensors`."""
+
+    model_config = ConfigDict(extra="forbid")
+
     format_version: int = Field(1, ge=1, le=1)
     masks: dict[str, StoredMask] = Field(default_factory=dict)
     tenant_masks: dict[str, list[str]] = Field(
-        default_factory=dict, description="tenant -> mask ids, for tenants changed by push/drop",
-        validation_alias=AliasChoices("tenant_masks", "bindings"),  # "bindings": stores written before 0.2
-    )
+        default_factory=dict, validation_alias=AliasChoices("tenant_masks", "bindings"))  # "bindings": before 0.2
 
 
 class MaskStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.legacy: LegacyIndex | None = None
         self.index = self._read_index()
+        if self.legacy is None:
+            self._sweep()
 
+    # --- reading -------------------------------------------------------------------------------------------------
     def _read_index(self) -> StoreIndex:
         path = self.root / INDEX_NAME
         if not path.exists():
             return StoreIndex()
         try:
-            return StoreIndex.model_validate_json(path.read_text(encoding="utf-8"))
+            doc = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{path}: expected UTF-8 JSON ({exc})") from None
+        try:
+            if isinstance(doc, dict) and doc.get("format_version", 1) == 1:
+                self.legacy = LegacyIndex.model_validate(doc)
+                return StoreIndex()
+            return StoreIndex.model_validate(doc)
         except ValidationError as exc:
             raise StoreError(one_line(exc, str(path))) from None
 
-    def _write_index(self) -> None:
-        atomic_write_text(self.root / INDEX_NAME, self.index.model_dump_json(indent=2))
+    def file(self, tenant: str, mask_id: str, version: int) -> Path:
+        return self.root / check_id("tenant", tenant) / f"{check_id('mask id', mask_id)}.v{version}{SUFFIX}"
 
-    def path(self, mask_id: str) -> Path:
-        if not re.match(ID_PATTERN, mask_id):
-            raise StoreError(f"mask id {mask_id!r}: expected letters, digits, '.', '_' or '-' (at most 64)")
-        return self.root / f"{mask_id}.safetensors"
+    def load(self, tenant: str, mask_id: str) -> NeuronMask:
+        """The stored mask, refused if its file is missing or differs from what was pushed."""
+        entry = self.index.entry(tenant, mask_id)
+        if entry is None:
+            raise StoreError(f"tenant {tenant!r} has no mask {mask_id!r} in the mask store {self.root}")
+        path = self.file(tenant, mask_id, entry.version)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot read the stored mask ({exc.strerror or exc})") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.sha256:
+            raise StoreError(f"{path}: SHA-256 {digest[:12]}… differs from the index's {entry.sha256[:12]}… "
+                             "(the file changed after it was pushed)")
+        return NeuronMask.from_bytes(data, source=str(path))
 
-    def load(self, mask_id: str) -> NeuronMask:
-        if mask_id not in self.index.masks:
-            raise StoreError(f"mask {mask_id!r} is not in the mask store {self.root}")
-        return NeuronMask.load(self.path(mask_id))
-
-    def put(self, mask_id: str, data: bytes, mask: NeuronMask) -> StoredMask:
-        """Store a validated mask's bytes under `mask_id` (file first, then index); returns its new entry."""
-        previous = self.index.masks.get(mask_id)
+    # --- changing (each is one index commit) ---------------------------------------------------------------------
+    def put(self, tenant: str, mask_id: str, data: bytes, mask: NeuronMask, masks: list[str]) -> StoredMask:
+        """Store a validated mask's bytes as the next version of the tenant's `mask_id`, with the tenant's mask list
+        becoming `masks`; returns its entry. If this raises, nothing changed."""
+        previous = self.index.entry(tenant, mask_id)
         entry = StoredMask(
             version=(previous.version + 1) if previous else 1,
             sha256=hashlib.sha256(data).hexdigest(),
@@ -94,36 +143,90 @@ class MaskStore:
             verification=verdict(mask),
             pushed_at=datetime.now(timezone.utc),
         )
-        atomic_write_bytes(self.path(mask_id), data)
-        self.index.masks[mask_id] = entry
-        self._write_index()
+        path = self.file(tenant, mask_id, entry.version)
+        atomic_write_bytes(path, data)
+        index = self.index.model_copy(deep=True)
+        index.masks.setdefault(tenant, {})[mask_id] = entry
+        index.tenant_masks[tenant] = list(masks)
+        try:
+            self._commit(index)
+        except BaseException:
+            _remove(path)  # the index never named it
+            raise
         return entry
 
-    def remove(self, mask_id: str) -> None:
-        self.index.masks.pop(mask_id, None)
-        self._write_index()
-        self.path(mask_id).unlink(missing_ok=True)
+    def remove(self, tenant: str, mask_id: str, masks: list[str]) -> None:
+        """Forget the tenant's `mask_id`, its mask list becoming `masks`. If this raises, nothing changed."""
+        index = self.index.model_copy(deep=True)
+        index.masks.get(tenant, {}).pop(mask_id, None)
+        index.tenant_masks[tenant] = list(masks)
+        self._commit(index)
 
-    def set_tenant_masks(self, tenant: str, mask_ids: list[str]) -> None:
-        self.index.tenant_masks[tenant] = list(mask_ids)
-        self._write_index()
+    def follow_file(self, tenants: list[str]) -> None:
+        """These tenants' mask lists come from the tenants file again (it was edited after a push or drop)."""
+        index = self.index.model_copy(deep=True)
+        for tenant in tenants:
+            index.tenant_masks.pop(tenant, None)
+        self._commit(index)
 
-    def checkpoint(self, mask_id: str) -> Checkpoint:
-        """What `restore` needs to undo a change to `mask_id` and to the tenants' mask lists."""
-        path = self.path(mask_id)
-        return Checkpoint(self.index.model_copy(deep=True), mask_id, path.read_bytes() if path.exists() else None)
+    def migrate(self, file_masks: dict[str, list[str]]) -> None:
+        """Move a format-1 store to per-tenant ids: every tenant gets its own copy of each mask it uses (its list in
+        the store, else `file_masks`, from the tenants file); a mask nobody uses goes to the tenant it was built for.
+        Copies first, then the index, then the old files: a crash leaves one format or the other whole."""
+        legacy = self.legacy
+        if legacy is None:
+            return
+        uses = {**file_masks, **legacy.tenant_masks}
+        index = StoreIndex(tenant_masks={t: list(ids) for t, ids in legacy.tenant_masks.items()})
+        for mask_id, entry in legacy.masks.items():
+            try:
+                data = (self.root / f"{mask_id}{SUFFIX}").read_bytes()
+            except OSError as exc:
+                logger.error("depn-serve: mask %r of the old store is unreadable (%s); its tenants are refused until "
+                             "it is pushed again", mask_id, exc)
+                continue
+            for tenant in [t for t, ids in uses.items() if mask_id in ids] or [entry.built_for]:
+                atomic_write_bytes(self.file(tenant, mask_id, entry.version), data)
+                index.masks.setdefault(tenant, {})[mask_id] = entry
+        self.legacy = None
+        self._commit(index)
+        self._sweep()  # the format-1 files
+        logger.info("depn-serve: mask store %s moved to per-tenant mask ids (format %d)", self.root, FORMAT_VERSION)
 
-    def restore(self, checkpoint: Checkpoint) -> None:
-        if checkpoint.file is None:
-            self.path(checkpoint.mask_id).unlink(missing_ok=True)
-        else:
-            atomic_write_bytes(self.path(checkpoint.mask_id), checkpoint.file)
-        self.index = checkpoint.index
-        self._write_index()
+    def _commit(self, index: StoreIndex) -> None:
+        """Write `index` (the commit point), adopt it, then delete the files only the old index named."""
+        before = self._named()
+        path, text = self.root / INDEX_NAME, index.model_dump_json(indent=2)
+        try:
+            atomic_write_text(path, text)
+        except OSError as exc:
+            try:  # the rename may have happened before the error (syncing the directory): then it is committed
+                committed = path.read_text(encoding="utf-8") == text
+            except OSError:
+                committed = False
+            if not committed:
+                raise
+            logger.warning("depn-serve: %s was replaced but not synced (%s)", path, exc)
+        self.index = index
+        for path in before - self._named():
+            _remove(path)
+
+    def _named(self) -> set[Path]:
+        return {self.file(t, m, e.version) for t, masks in self.index.masks.items() for m, e in masks.items()}
+
+    def _sweep(self) -> None:
+        """Delete temporary files and mask files the index does not name (left by a crash or a failed write)."""
+        named = self._named()
+        for path in list(self.root.rglob("*")):
+            if path.is_file() and (path.name.endswith(".tmp") or (path.suffix == SUFFIX and path not in named)):
+                _remove(path)
+        for directory in self.root.iterdir():
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    index: StoreIndex
-    mask_id: str
-    file: bytes | None  # None: there was no such mask file
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:  # best effort: the file is unused, and the next start sweeps it again
+        logger.warning("depn-serve: could not remove %s: %s", path, exc)

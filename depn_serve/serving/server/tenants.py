@@ -2,13 +2,13 @@
 
 The tenants file is YAML validated by pydantic. It stores only SHA-256 hashes of API keys: keys are 256-bit
 random tokens, so a fast hash is enough (there is nothing to brute-force), and a leaked file reveals no key.
-Identity comes from the key alone; lookups compare against every stored hash in constant time.
+Identity comes from the key alone: the key's hash is looked up in an index (`TenantIndex`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
+from collections import Counter
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +21,9 @@ from depn_serve.core.errors import DepnError, one_line
 from depn_serve.core.fileio import atomic_write_text
 
 KEY_PREFIX = "depn_"
+# libyaml's safe loader when PyYAML was built with it: ten times faster on a file of thousands of tenants.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -63,7 +66,7 @@ class TenantsConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> TenantsConfig:
         ids = [t.id for t in self.tenants]
-        dup = sorted({i for i in ids if ids.count(i) > 1})
+        dup = sorted(i for i, n in Counter(ids).items() if n > 1)
         if dup:
             raise ValueError(f"tenant ids must be unique, found duplicates {dup}")
         hashes = [k.sha256 for t in self.tenants for k in t.api_keys]
@@ -79,28 +82,36 @@ class TenantsConfig(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise TenantsError(f"{path}: no tenants file (create one with `depn tenants add`)")
+        return cls.parse(path.read_bytes(), path)
+
+    @classmethod
+    def parse(cls, data: bytes, path: Path) -> TenantsConfig:
         try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise TenantsError(f"{path}: not valid YAML ({exc})") from None
+            doc = yaml.load(data.decode("utf-8"), Loader=_LOADER) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise TenantsError(f"{path}: not valid UTF-8 YAML ({exc})") from None
         try:
             return cls.model_validate(doc)
         except ValidationError as exc:
             raise TenantsError(one_line(exc, str(path))) from None
 
     def save(self, path: Path) -> None:
-        atomic_write_text(Path(path), yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        atomic_write_text(Path(path), yaml.dump(self.model_dump(mode="json"), Dumper=_DUMPER, sort_keys=False))
 
     # --- use ---------------------------------------------------------------------------------------------------
+    def find(self, tenant_id: str) -> Tenant | None:
+        return next((t for t in self.tenants if t.id == tenant_id), None)
+
     def tenant(self, tenant_id: str) -> Tenant:
-        for tenant in self.tenants:
-            if tenant.id == tenant_id:
-                return tenant
-        raise TenantsError(f"no tenant {tenant_id!r}; tenants: {[t.id for t in self.tenants]}")
+        """The tenant, or an error listing the configured ones (for operators: never shown to a tenant)."""
+        found = self.find(tenant_id)
+        if found is None:
+            raise TenantsError(f"no tenant {tenant_id!r}; tenants: {[t.id for t in self.tenants]}")
+        return found
 
     def add_tenant(self, tenant_id: str, masks: list[str], allow_unmasked: bool = False) -> str:
         """Add a tenant with one new API key; returns the key (the only time it exists in clear)."""
-        if any(t.id == tenant_id for t in self.tenants):
+        if self.find(tenant_id) is not None:
             raise TenantsError(f"tenant {tenant_id!r} already exists")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         tenant = Tenant(
@@ -112,17 +123,29 @@ class TenantsConfig(BaseModel):
         self.tenants.append(tenant)
         return key
 
-    def authenticate(self, key: str | None) -> Tenant | None:
-        """The tenant a key belongs to (the anonymous tenant for no key), or None if the key is unknown.
+    def index(self) -> TenantIndex:
+        return TenantIndex(self)
 
-        Every stored hash is compared, in constant time, whatever matches first.
-        """
+    def authenticate(self, key: str | None) -> Tenant | None:
+        """The tenant a key belongs to (the anonymous tenant for no key), or None if the key is unknown."""
+        return self.index().authenticate(key)
+
+
+class TenantIndex:
+    """Lookups by id and by key hash over one version of the file (the server builds one per version it applies):
+    the same cost for 5 or 5,000 tenants. A lookup's timing depends only on the SHA-256 of the key presented,
+    which tells an attacker nothing about any stored key."""
+
+    def __init__(self, config: TenantsConfig):
+        self.config = config
+        self.by_id = {t.id: t for t in config.tenants}
+        self.by_key = {stored.sha256: t for t in config.tenants for stored in t.api_keys}
+
+    def find(self, tenant_id: str) -> Tenant | None:
+        return self.by_id.get(tenant_id)
+
+    def authenticate(self, key: str | None) -> Tenant | None:
         if not key:
-            return None if self.anonymous_tenant is None else self.tenant(self.anonymous_tenant)
-        digest = hash_key(key)
-        found = None
-        for tenant in self.tenants:
-            for stored in tenant.api_keys:
-                if hmac.compare_digest(stored.sha256, digest):
-                    found = tenant
-        return found
+            anonymous = self.config.anonymous_tenant
+            return None if anonymous is None else self.by_id.get(anonymous)
+        return self.by_key.get(hash_key(key))

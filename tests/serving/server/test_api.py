@@ -157,6 +157,53 @@ def test_streaming_chat_and_client_fields_cannot_pick_a_mask(setup, reference):
     assert _complete(a, prompt, **tricks) == masked_text
 
 
+def test_tenant_keys_do_not_reach_operator_routes(setup):
+    url, keys = setup["server"].url, setup["keys"]
+    admin = (setup["work"] / "admin.token").read_text()
+    for method, path in (("POST", "/collective_rpc"), ("POST", "/reset_prefix_cache"), ("POST", "/sleep"),
+                         ("POST", "/scale_elastic_ep"), ("POST", "/v1/responses"), ("GET", "/v1/responses/x")):
+        assert _status(url, keys[TENANT_B], path, method) == 403, path
+        assert _status(url, admin, path, method) not in (401, 403), path
+    assert _status(url, keys[TENANT_B], "/tokenize", "POST") == 400  # an inference route: reached, empty body
+
+
+def test_requests_that_fan_out_run_under_the_mask(setup, reference):
+    """n > 1, beam search and generative scoring send several engine requests for one API call, each with the
+    caller's sampling params: every one must carry the tenant's mask."""
+    import httpx
+
+    model_, tokenizer = reference
+    off = NeuronMask.load(setup["mask"]).off
+    prompt = _changed_prompt(setup, reference, off)
+    a = _client(setup, setup["target"])
+    model = a.models.list().data[0].id
+    query = tokenizer(prompt)["input_ids"]
+    out = a.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=1.0, n=3, logprobs=1,
+                               extra_body={"return_tokens_as_token_ids": True})
+    assert len(out.choices) == 3
+    for choice in out.choices:  # each sample's tokens, scored by the masked HF model
+        tokens = [int(t.split(":")[1]) for t in choice.logprobs.tokens]
+        with masked(model_, off), torch.no_grad():
+            logp = torch.log_softmax(model_(torch.tensor([query + tokens])).logits[0].float(), -1)
+        expected = [logp[len(query) - 1 + i, t].item() for i, t in enumerate(tokens)]
+        assert choice.logprobs.token_logprobs == pytest.approx(expected, abs=1e-3)
+    beams = a.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0, n=2,
+                                 extra_body={"use_beam_search": True})
+    assert len(beams.choices) == 2
+
+    items, labels = [[query[-1]], [query[-2]]], sorted(set(query[1:6]))
+    body = {"model": model, "query": query, "items": items, "label_token_ids": labels}
+    headers = {"Authorization": f"Bearer {setup['keys'][setup['target']]}"}
+    response = httpx.post(setup["server"].url + "/generative_scoring", json=body, headers=headers, timeout=60)
+    assert response.status_code == 200, response.text
+    scores = [row["score"] for row in sorted(response.json()["data"], key=lambda row: row["index"])]
+    with masked(model_, off), torch.no_grad():
+        for item, score in zip(items, scores):
+            logits = model_(torch.tensor([query + item])).logits[0, -1, labels]
+            expected = torch.softmax(logits, -1)[0].item()
+            assert abs(score - expected) < 2e-3, (score, expected)
+
+
 def _wide_mask(ci_testbed, tenant: str) -> NeuronMask:
     config = read_config(ci_testbed / "model")
     shape = mlp_shape(config)

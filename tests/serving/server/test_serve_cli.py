@@ -30,24 +30,48 @@ def test_unservable_architecture_is_refused(files, tmp_path):
     assert result.exit_code != 0 and "model_type 'gpt2' cannot be served" in result.output
 
 
-def test_bad_options_are_refused(files, tiny_model_dir):
+@pytest.fixture
+def handed_over(monkeypatch):
+    """Stop `depn serve` where it would start vLLM; the states it would have served with."""
+    from prometheus_client import CollectorRegistry
+
+    hooks = depn_serve_patches.versioned().frontend_hooks()
+    monkeypatch.setattr(hooks, "prometheus_registry", CollectorRegistry)  # several start-ups in one process
+    states = []
+    monkeypatch.setattr(hooks, "run", lambda args, state: states.append(state))
+    return states
+
+
+def test_bad_options_are_refused(files, tiny_model_dir, monkeypatch):
     (files / "short.token").write_text("short")
     result = _serve(files, tiny_model_dir, token="short.token")
     assert result.exit_code != 0 and "at least 16 characters" in result.output
     result = _serve(files, tiny_model_dir, "--worker-extension-cls", "x.Y")
     assert result.exit_code != 0 and "--worker-extension-cls is set by depn serve" in result.output
-    result = _serve(files, tiny_model_dir, "--api-key", "secret")
-    assert result.exit_code != 0 and "--api-key" in result.output
+    for option, message in ((["--api-key", "secret"], "--api-key"), (["--enable-dbo"], "--enable-dbo"),
+                            (["--prefill-context-parallel-size", "2"], "prefill context parallelism")):
+        result = _serve(files, tiny_model_dir, *option)
+        assert result.exit_code != 0 and message in result.output, option
+    monkeypatch.setenv("VLLM_API_KEY", "secret")
+    result = _serve(files, tiny_model_dir)
+    assert result.exit_code != 0 and "VLLM_API_KEY" in result.output
 
 
-def test_bad_stored_mask_stops_start_up(files, tiny_model_dir):
+def test_a_bad_stored_mask_quarantines_its_tenant_only(files, tiny_model_dir, handed_over):
+    config = TenantsConfig.load(files / "tenants.yaml")
+    config.add_tenant("globex", [], allow_unmasked=True)
+    config.save(files / "tenants.yaml")
     (files / "store").mkdir()
-    (files / "store" / "acme-main.safetensors").write_bytes(b"junk")
+    (files / "store" / "acme-main.safetensors").write_bytes(b"junk")  # a format-1 store: migrated, then checked
     (files / "store" / "index.json").write_text(
         '{"masks": {"acme-main": {"version": 1, "sha256": "' + "0" * 64 + '", "neurons": 1, "built_for": "acme",'
         ' "pushed_at": "2026-11-28T00:00:00Z"}}}')
     result = _serve(files, tiny_model_dir)
-    assert result.exit_code != 0 and "acme-main" in result.output and "safetensors" in result.output
+    assert result.exit_code == 0, result.output
+    (state,) = handed_over
+    problem = state._planned["acme"].problem
+    assert "acme-main" in problem and "differs from the index's" in problem
+    assert state._planned["globex"].problem is None
 
 
 def test_unsupported_vllm_version_is_refused(monkeypatch):
@@ -60,7 +84,7 @@ def test_unsupported_vllm_version_is_refused(monkeypatch):
         depn_serve_patches.engine_kwargs(0)
 
 
-def test_an_unverified_stored_mask_stops_start_up_unless_allowed(files, tiny_model_dir, monkeypatch):
+def test_an_unverified_stored_mask_is_quarantined_unless_allowed(files, tiny_model_dir, handed_over):
     import torch
 
     from depn_serve.artifacts.mask import MaskProvenance, NeuronMask
@@ -72,18 +96,10 @@ def test_an_unverified_stored_mask_stops_start_up_unless_allowed(files, tiny_mod
     off = torch.zeros(shape.dims, dtype=torch.bool)
     off[0, 1] = True
     mask = NeuronMask.create("acme", model_fingerprint(tiny_model_dir), shape, off, MaskProvenance(method="hand"))
-    MaskStore(files / "store").put("acme-main", mask.to_bytes(), mask)
-    from prometheus_client import CollectorRegistry
+    MaskStore(files / "store").put("acme", "acme-main", mask.to_bytes(), mask, ["acme-main"])
+    assert _serve(files, tiny_model_dir).exit_code == 0
+    assert "field 'verification': expected a passing certificate" in handed_over[-1]._planned["acme"].problem
 
-    hooks = depn_serve_patches.versioned().frontend_hooks()
-    monkeypatch.setattr(hooks, "prometheus_registry", CollectorRegistry)  # two start-ups in one process
-    result = _serve(files, tiny_model_dir)
-    assert result.exit_code != 0
-    assert "field 'verification': expected a passing certificate" in result.output and "acme-main" in result.output
-
-    # With the opt-out the checks pass and vLLM would start (stopped here, at the hand-over).
-    started = []
-    monkeypatch.setattr(hooks, "run", lambda args, state: started.append(state.allow_unverified))
     result = _serve(files, tiny_model_dir, "--allow-unverified")
     assert result.exit_code == 0, result.output
-    assert started == [True]
+    assert handed_over[-1].allow_unverified and handed_over[-1]._planned["acme"].problem is None

@@ -4,58 +4,11 @@ tenants file changes while serving. (Serving itself is tested against a real eng
 import asyncio
 
 import pytest
-import torch
-from prometheus_client import CollectorRegistry
 
-from depn_serve.artifacts.mask import MaskProvenance, NeuronMask
-from depn_serve.core.arch import mlp_shape, read_config
-from depn_serve.core.fingerprint import model_fingerprint
-from depn_serve.serving.server.metrics import DepnMetrics
-from depn_serve.serving.server.state import Refused, ServingState
-from depn_serve.serving.server.store import MaskStore
+from depn_serve.artifacts.mask import NeuronMask
+from depn_serve.serving.server.state import Refused
 from depn_serve.serving.server.tenants import TenantsConfig
-from tests.helpers import certified
-
-
-class Workers:
-    """Records binds like the worker extension; can be told to fail."""
-
-    def __init__(self):
-        self.bound: dict[str, tuple[int, bytes | None]] = {}
-        self.fail = False
-
-    async def __call__(self, method: str, args: tuple) -> list:
-        if method == "depn_bind":
-            if self.fail:
-                raise RuntimeError("worker is gone")
-            tenant, version, packed = args
-            self.bound[tenant] = (version, packed)
-            return [None]
-        return [{"slots": 4, "resident": {}, "loads": 0, "evictions": 0, "overflows": 0}]
-
-
-@pytest.fixture
-def world(tiny_model_dir, tmp_path):
-    config = TenantsConfig()
-    config.add_tenant("acme", ["acme-main"])
-    config.add_tenant("globex", [], allow_unmasked=True)
-    config.save(tmp_path / "tenants.yaml")
-    shape = mlp_shape(read_config(tiny_model_dir))
-    fp = model_fingerprint(tiny_model_dir)
-
-    def mask(*neurons: int, certificate: str | None = "passed") -> bytes:
-        off = torch.zeros(shape.num_layers, shape.intermediate_size, dtype=torch.bool)
-        off[0, list(neurons)] = True
-        made = NeuronMask.create("acme", fp, shape, off, MaskProvenance(method="test"))
-        return (made if certificate is None else certified(made, certificate == "passed")).to_bytes()
-
-    def state(allow_unverified: bool = False) -> ServingState:
-        s = ServingState(tmp_path / "tenants.yaml", MaskStore(tmp_path / "store"), fp, shape, "t" * 20,
-                         DepnMetrics(CollectorRegistry()), allow_unverified)
-        s.prepare()
-        return s
-
-    return state, mask, tmp_path
+from tests.serving.server.conftest import Workers
 
 
 def test_worker_failure_rolls_back_store_and_keeps_the_active_mask(world):
@@ -81,8 +34,9 @@ def test_worker_failure_rolls_back_store_and_keeps_the_active_mask(world):
     with pytest.raises(Refused) as failed:
         asyncio.run(state.push("acme", "acme-main", mask(3)))
     assert failed.value.status == 500
-    assert (tmp_path / "store" / "acme-main.safetensors").read_bytes() == first
-    assert state.store.index.masks["acme-main"].version == 1
+    assert (tmp_path / "store" / "acme" / "acme-main.v1.safetensors").read_bytes() == first
+    assert state.store.index.entry("acme", "acme-main").version == 1
+    assert not (tmp_path / "store" / "acme" / "acme-main.v2.safetensors").exists()
     assert state.admit("acme") == version and state.unions["acme"].neurons == 2
 
     # A restart restores what the store holds.
@@ -102,19 +56,61 @@ def test_rejected_push_changes_nothing(world):
     with pytest.raises(Refused) as unknown:
         asyncio.run(state.push("nobody", "x", mask(1)))
     assert unknown.value.status == 404
-    assert not (tmp_path / "store" / "acme-main.safetensors").exists()
+    assert not list((tmp_path / "store").rglob("*.safetensors"))
 
 
-def test_keys_added_while_serving_are_picked_up(world):
-    make_state, _, tmp_path = world
-    state = make_state()
+def test_the_tenants_file_applies_whole_while_serving(world, monkeypatch):
+    make_state, mask, tmp_path = world
+    path = tmp_path / "tenants.yaml"
+    state, workers = make_state(), Workers()
+    asyncio.run(state.start(workers))
+    asyncio.run(state.push("acme", "acme-main", mask(1)))
+    asyncio.run(state.push("acme", "acme-extra", mask(2)))
     with pytest.raises(Refused):
-        state.authenticate("depn_unknown")
-    config = TenantsConfig.load(tmp_path / "tenants.yaml")
-    key = config.add_tenant("initech", [], allow_unmasked=True)
-    config.save(tmp_path / "tenants.yaml")
-    assert state.authenticate(key).id == "initech"
+        asyncio.run(state.authenticate("depn_unknown"))
     assert not state.is_admin("x" * 20) and state.is_admin("t" * 20)
+
+    # A tenant added (allowed unmasked), globex no longer allowed, acme's file list edited after its pushes.
+    config = TenantsConfig.load(path)
+    key = config.add_tenant("initech", [], allow_unmasked=True)
+    config.tenant("globex").allow_unmasked = False
+    config.tenant("acme").masks = ["acme-extra"]
+    config.save(path)
+    assert asyncio.run(state.authenticate(key)).id == "initech"
+    assert state.admit("initech") == workers.bound["initech"][0] and workers.bound["initech"][1] is None  # identity
+    with pytest.raises(Refused) as refused:
+        state.admit("globex")
+    assert refused.value.status == 403
+    assert state.unions["acme"].mask_ids == ("acme-extra",) and "acme" not in state.store.index.tenant_masks
+    assert state.metrics.tenants_file_ok._value.get() == 1
+
+    # A revocation saved with a typo: every tenant request is refused, the file is parsed once, not per request.
+    parsed = []
+    real_parse = TenantsConfig.parse
+    monkeypatch.setattr(TenantsConfig, "parse", classmethod(lambda cls, *a: parsed.append(1) or real_parse(*a)))
+    text = path.read_text()
+    path.write_text(text.replace("initech", "initech", 1).replace("tenants:", "tenants: [", 1))
+    for _ in range(5):
+        with pytest.raises(Refused) as refused:
+            asyncio.run(state.authenticate(key))
+        assert refused.value.status == 503 and "initech" not in refused.value.message
+    assert len(parsed) == 1 and state.metrics.tenants_file_ok._value.get() == 0
+    config.tenants = [t for t in config.tenants if t.id != "initech"]  # the revocation, saved properly
+    config.save(path)
+    with pytest.raises(Refused) as refused:
+        asyncio.run(state.authenticate(key))
+    assert refused.value.status == 401 and state.metrics.tenants_file_ok._value.get() == 1
+    with pytest.raises(Refused) as refused:
+        state.admit("initech")  # a request admitted before the revocation may not start
+    assert refused.value.status == 403 and "acme" not in refused.value.message
+
+    # Workers that refuse the change: nothing applied (acme keeps both masks), requests refused until it applies.
+    config.tenant("acme").masks = ["acme-main", "acme-extra"]
+    config.save(path)
+    workers.fail = True
+    with pytest.raises(Refused) as refused:
+        asyncio.run(state.authenticate(None))
+    assert refused.value.status == 503 and state.unions["acme"].mask_ids == ("acme-extra",)
 
 
 def test_the_gate_refuses_masks_without_a_passing_certificate(world):
@@ -127,11 +123,11 @@ def test_the_gate_refuses_masks_without_a_passing_certificate(world):
         assert refused.value.status == 400
         assert "field 'verification': expected a passing certificate" in refused.value.message
         assert found in refused.value.message
-    assert not (tmp_path / "store" / "acme-main.safetensors").exists()
+    assert not list((tmp_path / "store").rglob("*.safetensors"))
     assert state.metrics.unverified._value.get() == 0
     pushed = asyncio.run(state.push("acme", "acme-main", mask(1)))
     assert pushed.verification.startswith("verification passed")
-    assert state.store.index.masks["acme-main"].verification == "passed"
+    assert state.store.index.entry("acme", "acme-main").verification == "passed"
 
     # A certificate made for other bits does not load.
     other = NeuronMask.from_bytes(mask(2))
@@ -152,10 +148,103 @@ def test_allow_unverified_serves_and_counts_unverified_masks(world):
     listing = {t.tenant: t for t in asyncio.run(state.listing()).tenants}
     assert listing["acme"].masks[0].verification == "none"
 
-    # Without the opt-out, a server does not start on a store that holds an unverified mask in use.
+    # Without the opt-out, a server started on that store quarantines the tenant: refused, counted, explained.
+    strict, workers = make_state(), Workers()
+    asyncio.run(strict.start(workers))
     with pytest.raises(Refused) as refused:
-        make_state()
-    assert refused.value.status == 409 and "passing certificate" in refused.value.message
+        strict.admit("acme")
+    assert refused.value.status == 503 and "failed its checks" in refused.value.message
+    assert strict.admit("globex") and "acme" not in workers.bound and strict.metrics.quarantined._value.get() == 1
+    listing = {t.tenant: t for t in asyncio.run(strict.listing()).tenants}
+    assert "passing certificate" in listing["acme"].problem and listing["globex"].problem is None
+    asyncio.run(strict.push("acme", "acme-main", mask(1)))  # a certified mask under the same id lifts it
+    assert strict.admit("acme") and strict.metrics.quarantined._value.get() == 0
+    assert strict.metrics.unverified._value.get() == 0
+
+
+def test_an_empty_mask_is_not_a_mask(world):
+    make_state, mask, tmp_path = world
+    state, workers = make_state(), Workers()
+    asyncio.run(state.start(workers))
+    with pytest.raises(Refused) as refused:
+        asyncio.run(state.push("acme", "acme-main", mask()))
+    assert refused.value.status == 400 and "field 'neuron_count'" in refused.value.message
+    assert state.store.index.entry("acme", "acme-main") is None
+
+    # One already in the store (written before pushes were checked) leaves its tenant refused, not unmasked.
+    state.store.put("acme", "acme-main", mask(), NeuronMask.from_bytes(mask()), ["acme-main"])
+    restarted, fresh = make_state(), Workers()
+    asyncio.run(restarted.start(fresh))
+    with pytest.raises(Refused) as refused:
+        restarted.admit("acme")
+    assert refused.value.status == 403 and "may not run unmasked" in refused.value.message
+    assert "acme" not in fresh.bound  # nothing bound: the worker would give a stray request the deny row
+
+
+def test_scrapes_share_one_worker_call(world):
+    make_state, _, _ = world
+    state, workers = make_state(), Workers()
+    asyncio.run(state.start(workers))
+
+    async def flood():
+        await asyncio.gather(*(state.worker_status(max_age=1.0) for _ in range(200)))
+
+    asyncio.run(flood())
+    assert workers.status_calls == 1
+    asyncio.run(state.worker_status())  # the listing asks for a fresh status
+    assert workers.status_calls == 2
+
+
+def test_mask_ids_with_a_newline_are_refused(world):
+    make_state, _, _ = world
+    state = make_state()
+    asyncio.run(state.start(Workers()))
+    with pytest.raises(Refused) as refused:
+        asyncio.run(state.push("acme", "acme-main\n", b""))
+    assert refused.value.status == 400 and "mask id" in refused.value.message
+
+
+def test_a_full_disk_leaves_store_workers_and_server_on_the_old_mask(world, monkeypatch):
+    make_state, mask, tmp_path = world
+    state, workers = make_state(), Workers()
+    asyncio.run(state.start(workers))
     asyncio.run(state.push("acme", "acme-main", mask(1)))
-    assert state.metrics.unverified._value.get() == 0
-    make_state()  # the stored mask is certified now
+    version, bound = state.admit("acme"), workers.bound["acme"]
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("depn_serve.serving.server.store.atomic_write_bytes", full)
+    with pytest.raises(Refused) as refused:
+        asyncio.run(state.push("acme", "acme-main", mask(2)))
+    assert refused.value.status == 507 and "No space left on device" in refused.value.message
+    assert state.admit("acme") == version and workers.bound["acme"][1] == bound[1]  # the old bits, bound again
+    assert state.store.index.entry("acme", "acme-main").version == 1
+    monkeypatch.setattr("depn_serve.serving.server.store.atomic_write_text", full)
+    with pytest.raises(Refused) as refused:
+        asyncio.run(state.drop("acme", "acme-main"))
+    assert refused.value.status == 507 and state.admit("acme") == version
+    restarted = make_state()
+    asyncio.run(restarted.start(Workers()))
+    assert restarted.unions["acme"].neurons == 1 and restarted.store.index.entry("acme", "acme-main").version == 1
+
+
+def test_first_token_waits_are_reported():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from depn_serve.serving.server.metrics import DepnMetrics
+
+    registry = CollectorRegistry()
+    metrics = DepnMetrics(registry)
+    first, second, dropped = object(), object(), object()
+    for request in (first, second, dropped):
+        metrics.waiting(request)
+    metrics._waiting[first] -= 3.0  # came 3 s ago
+    metrics.started(first)
+    metrics.started(dropped, first_token=False)  # cancelled before its first token: no wait to report
+    metrics._waiting[second] -= 1.5
+    text = generate_latest(registry).decode()
+    current = float(next(line.split()[1] for line in text.splitlines()
+                         if line.startswith("depn_first_token_wait_seconds ")))
+    assert 1.5 <= current < 2.5 and 3.0 <= metrics.longest_wait < 4.0
+    assert "depn_first_token_wait_max_seconds" in text

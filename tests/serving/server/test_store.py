@@ -1,6 +1,12 @@
-"""The server's mask store: the index survives restarts, old index files still load, bad ones are refused."""
+"""The server's mask store: per-tenant ids, checksums, old stores migrated, bad indexes refused, and crash
+consistency: a process killed (SIGKILL) before any file-system step of a change leaves the old or the new state
+whole, never a mix, and nothing else behind."""
 
+import errno
+import hashlib
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -11,47 +17,199 @@ from depn_serve.core.errors import DepnError
 from depn_serve.core.fingerprint import model_fingerprint
 from depn_serve.serving.server.store import INDEX_NAME, MaskStore, StoreError
 
-STORED = {"version": 2, "sha256": "0" * 64, "neurons": 1, "built_for": "acme", "pushed_at": "2026-11-28T00:00:00Z"}
+
+@pytest.fixture
+def make_mask(tiny_model_dir):
+    shape = mlp_shape(read_config(tiny_model_dir))
+    fp = model_fingerprint(tiny_model_dir)
+
+    def make(neuron: int, tenant: str = "acme") -> tuple[bytes, NeuronMask]:
+        off = torch.zeros(shape.dims, dtype=torch.bool)
+        off[1, neuron] = True
+        mask = NeuronMask.create(tenant, fp, shape, off, MaskProvenance(method="test"))
+        return mask.to_bytes(), mask
+
+    return make
 
 
-def test_old_bindings_key_loads_and_is_written_back_as_tenant_masks(tmp_path):
-    (tmp_path / INDEX_NAME).write_text(json.dumps({"masks": {"acme-main": STORED},
-                                                   "bindings": {"acme": ["acme-main"], "globex": []}}))
+def _entry(data: bytes, version: int = 1, built_for: str = "acme") -> dict:
+    return {"version": version, "sha256": hashlib.sha256(data).hexdigest(), "neurons": 1, "built_for": built_for,
+            "pushed_at": "2026-11-28T00:00:00Z"}
+
+
+def test_a_format_1_store_moves_to_per_tenant_ids(tmp_path, make_mask):
+    shared, _ = make_mask(1)
+    spare, _ = make_mask(2, tenant="initech")
+    (tmp_path / "shared.safetensors").write_bytes(shared)
+    (tmp_path / "spare.safetensors").write_bytes(spare)
+    (tmp_path / INDEX_NAME).write_text(json.dumps({
+        "masks": {"shared": _entry(shared, 3), "spare": _entry(spare, built_for="initech")},
+        "bindings": {"acme": ["shared"]}}))  # "bindings": the key's name before 0.2
     store = MaskStore(tmp_path)
-    assert store.index.tenant_masks == {"acme": ["acme-main"], "globex": []}
-    assert store.index.masks["acme-main"].version == 2
-    store.set_tenant_masks("initech", ["acme-main"])
-    written = json.loads((tmp_path / INDEX_NAME).read_text())
-    assert "bindings" not in written
-    assert written["tenant_masks"] == {"acme": ["acme-main"], "globex": [], "initech": ["acme-main"]}
-    assert MaskStore(tmp_path).index.tenant_masks == written["tenant_masks"]
+    store.migrate({"acme": ["other"], "globex": ["shared"]})  # acme's run-time list wins over its file list
+    for tenant, mask_id, version in (("acme", "shared", 3), ("globex", "shared", 3), ("initech", "spare", 1)):
+        assert store.index.entry(tenant, mask_id).version == version
+        assert store.load(tenant, mask_id).manifest.neuron_count == 1
+    assert store.index.tenant_masks == {"acme": ["shared"]}
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "acme", "acme/shared.v3.safetensors", "globex", "globex/shared.v3.safetensors", "index.json", "initech",
+        "initech/spare.v1.safetensors"]
+    assert json.loads((tmp_path / INDEX_NAME).read_text())["format_version"] == 2
+    assert MaskStore(tmp_path).index == store.index
 
 
-def test_bad_index_and_bad_ids_are_refused(tmp_path):
-    (tmp_path / INDEX_NAME).write_text(json.dumps({"masks": {"m": {**STORED, "version": 0}}}))
-    with pytest.raises(StoreError, match=r"index.json: field 'masks.m.version'") as err:
+def test_bad_indexes_ids_and_files_are_refused(tmp_path, make_mask):
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"format_version": 2, "masks": {"acme": {"m": _entry(b"", 0)}}}))
+    with pytest.raises(StoreError, match=r"index.json: field 'masks.acme.m.version'") as err:
         MaskStore(tmp_path)
     assert isinstance(err.value, DepnError)
+    (tmp_path / INDEX_NAME).write_bytes(b'{"masks": "\xff"}')
+    with pytest.raises(StoreError, match="index.json: expected UTF-8 JSON"):
+        MaskStore(tmp_path)
+
     store = MaskStore(tmp_path / "other")
-    with pytest.raises(StoreError, match="mask id '../etc'"):
-        store.path("../etc")
-    with pytest.raises(StoreError, match="not in the mask store"):
-        store.load("absent")
+    for bad in ("../etc", "m\n", ""):
+        with pytest.raises(StoreError, match="mask id"):
+            store.file("acme", bad, 1)
+    with pytest.raises(StoreError, match="has no mask 'absent'"):
+        store.load("acme", "absent")
+    data, mask = make_mask(3)
+    store.put("acme", "m", data, mask, ["m"])
+    path = store.file("acme", "m", 1)
+    path.write_bytes(data[:-1] + b" ")  # the bits change, the file still parses
+    with pytest.raises(StoreError, match=r"m.v1.safetensors: SHA-256 .* differs from the index's"):
+        store.load("acme", "m")
 
 
-def test_put_bumps_the_version_and_restore_undoes_it(tmp_path, tiny_model_dir):
-    shape = mlp_shape(read_config(tiny_model_dir))
-    off = torch.zeros(shape.dims, dtype=torch.bool)
-    off[1, 3] = True
-    mask = NeuronMask.create("acme", model_fingerprint(tiny_model_dir), shape, off, MaskProvenance(method="test"))
-    data = mask.to_bytes()
+def test_versions_and_ids_per_tenant(tmp_path, make_mask):
+    (v1, m1), (v2, m2) = make_mask(1), make_mask(2)
     store = MaskStore(tmp_path)
-    assert store.put("m", data, mask).version == 1
-    checkpoint = store.checkpoint("m")
-    entry = store.put("m", data, mask)
-    assert entry.version == 2 and entry.neurons == 1 and entry.built_for == "acme"
-    store.restore(checkpoint)
-    assert MaskStore(tmp_path).index.masks["m"].version == 1
-    assert torch.equal(store.load("m").off, off)
-    store.remove("m")
-    assert "m" not in MaskStore(tmp_path).index.masks and not (tmp_path / "m.safetensors").exists()
+    store.put("acme", "m", v1, m1, ["m"])
+    store.put("globex", "m", v2, m2, ["m"])  # the same id under another tenant is another mask
+    assert store.load("acme", "m").off[1, 1] and store.load("globex", "m").off[1, 2]
+    assert store.put("acme", "m", v2, m2, ["m"]).version == 2
+    assert not store.file("acme", "m", 1).exists() and MaskStore(tmp_path).load("acme", "m").off[1, 2]
+    store.remove("acme", "m", [])
+    reopened = MaskStore(tmp_path)
+    assert reopened.index.entry("acme", "m") is None and reopened.index.tenant_masks["acme"] == []
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.safetensors")] == ["globex/m.v1.safetensors"]
+
+
+def test_opening_sweeps_what_a_crash_left(tmp_path, make_mask):
+    data, mask = make_mask(1)
+    MaskStore(tmp_path).put("acme", "m", data, mask, ["m"])
+    (tmp_path / "acme" / ".m.v2.safetensors.x1.tmp").write_bytes(b"half")
+    (tmp_path / "acme" / "m.v2.safetensors").write_bytes(data)  # written, but the index never named it
+    (tmp_path / "ghost").mkdir()
+    MaskStore(tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "acme", "acme/m.v1.safetensors", "index.json"]
+
+
+FS_STEPS = ("replace", "fsync", "unlink", "open")
+
+
+def _at_step(k: int, action, setattr_=setattr) -> None:
+    """Run `action()` just before the k-th file-system step from now on."""
+    count = [0]
+    for name in FS_STEPS:
+        real = getattr(os, name)
+
+        def step(*args, real=real, **kwargs):
+            count[0] += 1
+            if count[0] == k:
+                action()
+            return real(*args, **kwargs)
+
+        setattr_(os, name, step)
+
+
+def _state(root) -> tuple:
+    """What a restart sees: each tenant's masks with versions and bits, checked against the index's digests."""
+    store = MaskStore(root)
+    seen = {}
+    for tenant, masks in store.index.masks.items():
+        for mask_id, entry in masks.items():
+            seen[(tenant, mask_id)] = (entry.version, tuple(store.load(tenant, mask_id).off.nonzero().flatten().tolist()))
+    named = {store.file(t, m, e.version) for t, ms in store.index.masks.items() for m, e in ms.items()}
+    assert set(root.rglob("*.safetensors")) == named and not list(root.rglob("*.tmp"))
+    return tuple(sorted(seen.items())), tuple(sorted(store.index.tenant_masks.items()))
+
+
+@pytest.mark.parametrize("change", ["push", "drop", "migrate"])
+def test_kill_9_at_every_step_leaves_the_old_or_the_new_state(tmp_path, make_mask, change):
+    (v1, m1), (v2, m2) = make_mask(1), make_mask(2)
+
+    def fresh(root):
+        if change == "migrate":  # a format-1 store, as 0.1 wrote it
+            root.mkdir()
+            (root / "m.safetensors").write_bytes(v1)
+            (root / INDEX_NAME).write_text(json.dumps({"masks": {"m": _entry(v1)}, "tenant_masks": {"acme": ["m"]}}))
+        else:
+            MaskStore(root).put("acme", "m", v1, m1, ["m"])
+
+    def run(root) -> None:
+        store = MaskStore(root)
+        if change == "push":
+            store.put("acme", "m", v2, m2, ["m"])
+        elif change == "drop":
+            store.remove("acme", "m", [])
+        else:
+            store.migrate({})
+
+    def opened(root) -> tuple:
+        store = MaskStore(root)
+        store.migrate({})  # what a restart does before anything else
+        return _state(root)
+
+    fresh(tmp_path / "plain")
+    run(tmp_path / "plain")
+    new = _state(tmp_path / "plain")
+    old = new if change == "migrate" else (((("acme", "m"), (1, (1, 1))),), (("acme", ["m"]),))
+    assert change == "migrate" or new != old
+    for k in range(1, 100):
+        root = tmp_path / f"k{k}"
+        fresh(root)
+        pid = os.fork()
+        if pid == 0:  # the child: crash at step k, or finish and say so with its exit status
+            code = 3
+            try:
+                _at_step(k, lambda: os.kill(os.getpid(), signal.SIGKILL))
+                run(root)
+                code = 7
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert opened(root) in (old, new), k
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 7 and _state(root) == new  # finished (acknowledged): the change holds
+            break
+        assert os.WTERMSIG(status) == signal.SIGKILL
+    assert k > 3, "no step was interrupted"
+
+
+def test_a_failed_write_leaves_the_old_state_whole(tmp_path, make_mask, monkeypatch):
+    """ENOSPC at each step of a push in turn: the push fails and nothing changed, or it went through whole."""
+    (v1, m1), (v2, m2) = make_mask(1), make_mask(2)
+
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    for k in range(1, 100):
+        root = tmp_path / f"k{k}"
+        store = MaskStore(root)
+        store.put("acme", "m", v1, m1, ["m"])
+        before = _state(root)
+        _at_step(k, full, monkeypatch.setattr)
+        try:
+            store.put("acme", "m", v2, m2, ["m"])
+            done = True
+        except OSError:
+            done = False
+        finally:
+            monkeypatch.undo()
+        after = _state(root)
+        assert (after != before) == done and store.index.entry("acme", "m").version == (2 if done else 1), k
+        if done:
+            break
+    assert k > 3
