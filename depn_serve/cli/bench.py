@@ -94,4 +94,40 @@ def tenants(model_dir: Path, tenants: int, masked: int, lookups: int) -> None:
     click.echo(report.markdown())
 
 
+def _soak_setting(name: str, **kwargs):
+    from depn_serve.bench.soak import SoakSettings
+
+    return setting(SoakSettings, name.replace("-", "_"), **kwargs)
+
+
+@bench.command("soak")
+@click.option("--testbed", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="a `depn testbed build` folder (its model and record prompts)")
+@_soak_setting("seconds")
+@_soak_setting("tenants")
+@_soak_setting("slots")
+@_soak_setting("concurrency")
+@_soak_setting("push-every")
+@_soak_setting("max-tokens")
+@_soak_setting("mask-fraction")
+@_soak_setting("seed")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="write the report here")
+def soak(testbed: Path, json_path: Path | None, **options) -> None:
+    """A real `depn serve` under load while masks are pushed and dropped; exits 1 on any failure."""
+    from depn_serve.bench.soak import SoakSettings, run_soak
+
+    settings = SoakSettings(**options)
+    if settings.slots >= settings.tenants:
+        raise click.BadParameter(f"expected fewer slots than tenants ({settings.tenants})", param_hint="--slots")
+    with tempfile.TemporaryDirectory(prefix="depn-soak-") as work:
+        report = run_soak(testbed, Path(work), settings, log=console.print)
+    if json_path:
+        json_path.write_text(report.model_dump_json(indent=2))
+    click.echo(report.markdown())
+    for example in report.failure_examples:
+        click.echo(f"failure: {example}", err=True)
+    if report.failures or not report.healthy_at_end:
+        raise SystemExit(1)
+
+
 COMMANDS = [bench]

@@ -15,6 +15,8 @@ from depn_serve.cli.options import existing_file, model_dir_option
 @click.option("--mask-store", required=True, type=click.Path(path_type=Path, file_okay=False))
 @existing_file("--admin-token-file", "token_file", required=True)
 @click.option("--max-mask-slots", default=64, show_default=True, help="masks resident on the device at once")
+@click.option("--max-mask-wait", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="seconds a tenant may wait for a mask slot before the running tenants are drained for it")
 @click.option("--metrics-max-tenants", default=100, show_default=True,
               help="tenants with their own Prometheus label (the rest share '_other')")
 @click.option("--allow-unverified", is_flag=True,
@@ -22,13 +24,13 @@ from depn_serve.cli.options import existing_file, model_dir_option
                    "depn_unverified_masks_in_use); by default such a mask is refused")
 @click.pass_context
 def serve(ctx: click.Context, model_dir: Path, tenants_path: Path, mask_store: Path, token_file: Path,
-          max_mask_slots: int, metrics_max_tenants: int, allow_unverified: bool) -> None:
+          max_mask_slots: int, max_mask_wait: float, metrics_max_tenants: int, allow_unverified: bool) -> None:
     """vLLM's OpenAI-compatible server with per-tenant masks; any other option is passed to vLLM as is. Every mask
     must carry a passing verification certificate (`depn isolate`, `depn verify`) unless --allow-unverified."""
     from depn_serve.serving.server.serve import serve as run_server
 
     run_server(model_dir, tenants_path, mask_store, token_file, max_mask_slots, metrics_max_tenants, list(ctx.args),
-               allow_unverified)
+               allow_unverified, max_mask_wait)
 
 
 COMMANDS = [serve]

@@ -44,4 +44,45 @@ def list_(config_path: Path) -> None:
         click.echo(f"{t.id}{anonymous}\tmasks: {masks_desc}\tkeys: {keys}")
 
 
+@tenants.command("key")
+@_CONFIG
+@click.option("--tenant", required=True)
+def key(config_path: Path, tenant: str) -> None:
+    """Give a tenant one more API key and print it once (rotate: add, move clients, then `revoke` the old one)."""
+    from depn_serve.serving.server.tenants import TenantsConfig
+
+    config = TenantsConfig.load(config_path)
+    new = config.new_key(tenant)
+    config.save(config_path)
+    click.echo(f"new API key for tenant {tenant!r} (shown only now):", err=True)
+    click.echo(new)
+
+
+@tenants.command("revoke")
+@_CONFIG
+@click.option("--tenant", required=True)
+@click.option("--key-hint", help="the key's first characters, as `depn tenants list` shows them (default: every key)")
+def revoke(config_path: Path, tenant: str, key_hint: str | None) -> None:
+    """Revoke a tenant's API keys; a running server applies the file on its next request."""
+    from depn_serve.serving.server.tenants import TenantsConfig
+
+    config = TenantsConfig.load(config_path)
+    count = config.revoke(tenant, key_hint)
+    config.save(config_path)
+    click.echo(f"revoked {count} key(s) of tenant {tenant!r} in {config_path}")
+
+
+@tenants.command("remove")
+@_CONFIG
+@click.option("--tenant", required=True)
+def remove(config_path: Path, tenant: str) -> None:
+    """Remove a tenant and its keys (its masks stay in the server's store until dropped)."""
+    from depn_serve.serving.server.tenants import TenantsConfig
+
+    config = TenantsConfig.load(config_path)
+    config.remove(tenant)
+    config.save(config_path)
+    click.echo(f"removed tenant {tenant!r} from {config_path}")
+
+
 COMMANDS = [tenants]

@@ -32,6 +32,7 @@ def serve(
     metrics_max_tenants: int,
     vllm_argv: list[str],
     allow_unverified: bool = False,
+    max_mask_wait: float = 1.0,
 ) -> None:
     import depn_serve_patches
 
@@ -45,7 +46,7 @@ def serve(
         if any(arg == option or arg.startswith(option + "=") for arg in vllm_argv):
             raise ServeError(f"{option} is set by depn serve; remove it from the vLLM options")
     # Also enables the plugin for vLLM's processes; in a server every request has a tenant, so one without is denied.
-    engine = depn_serve_patches.engine_kwargs(max_mask_slots, deny_untagged=True)
+    engine = depn_serve_patches.engine_kwargs(max_mask_slots, deny_untagged=True, mask_wait_s=max_mask_wait)
     hooks = depn_serve_patches.versioned().frontend_hooks()
     args = hooks.parse_args([
         *vllm_argv, "--model", str(model),

@@ -113,15 +113,32 @@ class TenantsConfig(BaseModel):
         """Add a tenant with one new API key; returns the key (the only time it exists in clear)."""
         if self.find(tenant_id) is not None:
             raise TenantsError(f"tenant {tenant_id!r} already exists")
+        self.tenants.append(Tenant(id=tenant_id, masks=masks, allow_unmasked=allow_unmasked))
+        return self.new_key(tenant_id)
+
+    def new_key(self, tenant_id: str) -> str:
+        """Give the tenant one more API key (to rotate: add, move clients over, revoke the old one)."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        tenant = Tenant(
-            id=tenant_id,
-            masks=masks,
-            allow_unmasked=allow_unmasked,
-            api_keys=[ApiKey(sha256=hash_key(key), hint=key[:9], created_at=datetime.now(timezone.utc))],
-        )
-        self.tenants.append(tenant)
+        self.tenant(tenant_id).api_keys.append(
+            ApiKey(sha256=hash_key(key), hint=key[:9], created_at=datetime.now(timezone.utc)))
         return key
+
+    def revoke(self, tenant_id: str, hint: str | None = None) -> int:
+        """Remove the tenant's keys that start with `hint` (all of them without one); returns how many."""
+        tenant = self.tenant(tenant_id)
+        kept = [k for k in tenant.api_keys if hint is not None and not k.hint.startswith(hint[:9])]
+        revoked = len(tenant.api_keys) - len(kept)
+        if hint is not None and revoked == 0:
+            raise TenantsError(f"tenant {tenant_id!r} has no key starting with {hint[:9]!r}; its keys: "
+                               f"{[k.hint for k in tenant.api_keys]}")
+        tenant.api_keys = kept
+        return revoked
+
+    def remove(self, tenant_id: str) -> None:
+        tenant = self.tenant(tenant_id)
+        if self.anonymous_tenant == tenant_id:
+            raise TenantsError(f"tenant {tenant_id!r} is the anonymous tenant; unset anonymous_tenant first")
+        self.tenants.remove(tenant)
 
     def index(self) -> TenantIndex:
         return TenantIndex(self)

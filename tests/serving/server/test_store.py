@@ -130,7 +130,8 @@ def _state(root) -> tuple:
     seen = {}
     for tenant, masks in store.index.masks.items():
         for mask_id, entry in masks.items():
-            seen[(tenant, mask_id)] = (entry.version, tuple(store.load(tenant, mask_id).off.nonzero().flatten().tolist()))
+            bits = store.load(tenant, mask_id).off.nonzero().flatten().tolist()
+            seen[(tenant, mask_id)] = (entry.version, tuple(bits))
     named = {store.file(t, m, e.version) for t, ms in store.index.masks.items() for m, e in ms.items()}
     assert set(root.rglob("*.safetensors")) == named and not list(root.rglob("*.tmp"))
     return tuple(sorted(seen.items())), tuple(sorted(store.index.tenant_masks.items()))

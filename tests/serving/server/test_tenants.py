@@ -31,6 +31,23 @@ def test_add_stores_only_the_hash_and_authenticates(tmp_path):
     assert TenantsConfig.load(path).authenticate(key).id == "acme"  # the file was left as it was
 
 
+def test_keys_rotate_and_revoke_and_tenants_go(tmp_path):
+    runner = CliRunner()
+    path = tmp_path / "tenants.yaml"
+    first = runner.invoke(main, ["tenants", "add", "--config", str(path), "--tenant", "acme"]).stdout.strip()
+    second = runner.invoke(main, ["tenants", "key", "--config", str(path), "--tenant", "acme"]).stdout.strip()
+    assert {TenantsConfig.load(path).authenticate(k).id for k in (first, second)} == {"acme"}
+    res = runner.invoke(main, ["tenants", "revoke", "--config", str(path), "--tenant", "acme", "--key-hint", first[:9]])
+    assert res.exit_code == 0 and "revoked 1 key" in res.output
+    config = TenantsConfig.load(path)
+    assert config.authenticate(first) is None and config.authenticate(second).id == "acme"
+    res = runner.invoke(main, ["tenants", "revoke", "--config", str(path), "--tenant", "acme",
+                               "--key-hint", "depn_zzzz"])
+    assert res.exit_code != 0 and "no key starting with" in res.output
+    assert runner.invoke(main, ["tenants", "remove", "--config", str(path), "--tenant", "acme"]).exit_code == 0
+    assert TenantsConfig.load(path).tenants == []
+
+
 def test_anonymous_tenant(tmp_path):
     config = TenantsConfig()
     config.add_tenant("public", ["public-mask"])
