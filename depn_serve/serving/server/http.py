@@ -111,18 +111,28 @@ def admin_router(state: ServingState) -> APIRouter:
         body = ErrorBody(error=ApiError(message=exc.message, code=exc.status))
         return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status)
 
-    @router.get("/masks", response_model=MaskListing)
+    refusals = {status: {"model": ErrorBody, "description": why} for status, why in (
+        (400, "the mask or its id is invalid, or its certificate does not pass"), (401, "no admin token"),
+        (403, "not the admin token"), (404, "no such tenant or mask"),
+        (409, "another of the tenant's stored masks fails its checks"), (500, "the workers refused the mask"),
+        (507, "the mask store is full"))}
+    mask_body = {"requestBody": {"required": True, "description": "the mask file's bytes (`.safetensors`)",
+                                 "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                     "format": "binary"}}}}}
+
+    @router.get("/masks", response_model=MaskListing, responses={k: refusals[k] for k in (401, 403)})
     async def list_masks():
         return await state.listing()
 
-    @router.put("/tenants/{tenant}/masks/{mask_id}", response_model=PushResult)
+    @router.put("/tenants/{tenant}/masks/{mask_id}", response_model=PushResult, responses=refusals,
+                openapi_extra=mask_body)
     async def push_mask(tenant: str, mask_id: str, request: Request):
         try:
             return await state.push(tenant, mask_id, await request.body())
         except Refused as exc:
             return error(exc)
 
-    @router.delete("/tenants/{tenant}/masks/{mask_id}", response_model=DropResult)
+    @router.delete("/tenants/{tenant}/masks/{mask_id}", response_model=DropResult, responses=refusals)
     async def drop_mask(tenant: str, mask_id: str):
         try:
             return await state.drop(tenant, mask_id)
