@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
+if TYPE_CHECKING:
+    from depn_serve.serving.server.tenants import TenantsConfig
+
 _CONFIG = click.option("--config", "config_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
+_TENANT = click.option("--tenant", required=True)
+T = TypeVar("T")
+
+
+def _edit(config_path: Path, change: Callable[[TenantsConfig], T], create: bool = False) -> T:
+    """Load the tenants file, apply `change`, write it back atomically (nothing is written if `change` fails)."""
+    from depn_serve.serving.server.tenants import TenantsConfig
+
+    config = TenantsConfig() if create and not config_path.exists() else TenantsConfig.load(config_path)
+    result = change(config)
+    config.save(config_path)
+    return result
 
 
 @click.group()
@@ -16,16 +33,12 @@ def tenants() -> None:
 
 @tenants.command("add")
 @_CONFIG
-@click.option("--tenant", required=True)
-@click.option("--mask", "masks_", multiple=True, help="mask id in the mask store (repeat for a union)")
+@_TENANT
+@click.option("--mask", "masks_", multiple=True, help="the tenant's mask id in the mask store (repeat for a union)")
 @click.option("--allow-unmasked", is_flag=True, help="let this tenant run without any mask")
 def add(config_path: Path, tenant: str, masks_: tuple[str, ...], allow_unmasked: bool) -> None:
     """Create a tenant and print its new API key once (only its hash is stored)."""
-    from depn_serve.serving.server.tenants import TenantsConfig
-
-    config = TenantsConfig.load(config_path) if config_path.exists() else TenantsConfig()
-    key = config.add_tenant(tenant, list(masks_), allow_unmasked)
-    config.save(config_path)
+    key = _edit(config_path, lambda config: config.add_tenant(tenant, list(masks_), allow_unmasked), create=True)
     click.echo(f"tenant {tenant!r} added to {config_path}; its API key (shown only now):", err=True)
     click.echo(key)
 
@@ -46,42 +59,30 @@ def list_(config_path: Path) -> None:
 
 @tenants.command("key")
 @_CONFIG
-@click.option("--tenant", required=True)
+@_TENANT
 def key(config_path: Path, tenant: str) -> None:
     """Give a tenant one more API key and print it once (rotate: add, move clients, then `revoke` the old one)."""
-    from depn_serve.serving.server.tenants import TenantsConfig
-
-    config = TenantsConfig.load(config_path)
-    new = config.new_key(tenant)
-    config.save(config_path)
+    new = _edit(config_path, lambda config: config.new_key(tenant))
     click.echo(f"new API key for tenant {tenant!r} (shown only now):", err=True)
     click.echo(new)
 
 
 @tenants.command("revoke")
 @_CONFIG
-@click.option("--tenant", required=True)
+@_TENANT
 @click.option("--key-hint", help="the key's first characters, as `depn tenants list` shows them (default: every key)")
 def revoke(config_path: Path, tenant: str, key_hint: str | None) -> None:
     """Revoke a tenant's API keys; a running server applies the file on its next request."""
-    from depn_serve.serving.server.tenants import TenantsConfig
-
-    config = TenantsConfig.load(config_path)
-    count = config.revoke(tenant, key_hint)
-    config.save(config_path)
+    count = _edit(config_path, lambda config: config.revoke(tenant, key_hint))
     click.echo(f"revoked {count} key(s) of tenant {tenant!r} in {config_path}")
 
 
 @tenants.command("remove")
 @_CONFIG
-@click.option("--tenant", required=True)
+@_TENANT
 def remove(config_path: Path, tenant: str) -> None:
     """Remove a tenant and its keys (its masks stay in the server's store until dropped)."""
-    from depn_serve.serving.server.tenants import TenantsConfig
-
-    config = TenantsConfig.load(config_path)
-    config.remove(tenant)
-    config.save(config_path)
+    _edit(config_path, lambda config: config.remove(tenant))
     click.echo(f"removed tenant {tenant!r} from {config_path}")
 
 

@@ -187,6 +187,7 @@ def test_kill_9_at_every_step_leaves_the_old_or_the_new_state(tmp_path, make_mas
             break
         assert os.WTERMSIG(status) == signal.SIGKILL
     assert k > 3, "no step was interrupted"
+    print(f"{change}: killed before each of {k - 1} file-system steps")
 
 
 def test_a_failed_write_leaves_the_old_state_whole(tmp_path, make_mask, monkeypatch):
