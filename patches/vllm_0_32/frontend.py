@@ -13,9 +13,9 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
 from depn_serve.core.errors import DepnError
-from depn_serve.serving.request import MaskRequest, reserved_keys
-from depn_serve.serving.server.http import AuthMiddleware, admin_router, current_tenant
-from depn_serve.serving.server.state import Refused, ServingState
+from depn_serve.serving.request import reserved_keys
+from depn_serve.serving.server.http import AuthMiddleware, admin_router, current_request
+from depn_serve.serving.server.state import ServingState
 
 
 def prometheus_registry():
@@ -78,13 +78,14 @@ def _install(entry, state: ServingState) -> None:
 
 
 def _bind_requests(state: ServingState) -> None:
-    """Every request that reaches the engine carries its authenticated tenant and mask version, or is refused."""
+    """Every request that reaches the engine carries the tenant and mask version the auth layer admitted it with, or
+    is refused."""
     add_request = AsyncLLM.add_request
     generate = AsyncLLM.generate
 
     async def patched_add_request(self, request_id, prompt, params, *args, **kwargs):
-        tenant = current_tenant.get()
-        if tenant is None:
+        request = current_request.get()  # admitted by the auth layer, with the mask version it admitted
+        if request is None:
             raise GracefulHTTPError("depn-serve: no authenticated tenant for this request", HTTPStatus.UNAUTHORIZED)
         if not isinstance(params, SamplingParams):
             raise VLLMValidationError("depn-serve serves text generation only")
@@ -94,29 +95,24 @@ def _bind_requests(state: ServingState) -> None:
             raise VLLMValidationError(
                 f"vllm_xargs keys {reserved} are reserved: the mask comes from the API key", parameter="vllm_xargs"
             )
-        try:
-            version = state.admit(tenant)
-        except Refused as exc:
-            state.metrics.refused.labels(str(exc.status)).inc()
-            raise GracefulHTTPError(exc.message, HTTPStatus(exc.status)) from None
         # A copy: vLLM reuses the caller's params across the requests one API call fans out into (beam search,
         # generative scoring), and each of them must pass the reserved-key check above.
         params = copy.copy(params)
-        params.extra_args = {**(params.extra_args or {}), **MaskRequest(tenant, version).to_extra_args()}
-        state.metrics.requests.labels(state.metrics.tenant_label(tenant)).inc()
+        params.extra_args = {**(params.extra_args or {}), **request.to_extra_args()}
+        state.metrics.requests.labels(state.metrics.tenant_label(request.tenant)).inc()
         return await add_request(self, request_id, prompt, params, *args, **kwargs)
 
     async def patched_generate(self, prompt, sampling_params, request_id, *args, **kwargs):
-        tenant = current_tenant.get()
+        request = current_request.get()
         delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
         waiting = object()
         state.metrics.waiting(waiting)
         try:
             async for output in generate(self, prompt, sampling_params, request_id, *args, **kwargs):
                 state.metrics.started(waiting)
-                if tenant is not None and (delta or output.finished):
+                if request is not None and (delta or output.finished):
                     count = sum(len(c.token_ids) for c in output.outputs)
-                    state.metrics.generated_tokens.labels(state.metrics.tenant_label(tenant)).inc(count)
+                    state.metrics.generated_tokens.labels(state.metrics.tenant_label(request.tenant)).inc(count)
                 yield output
         finally:
             state.metrics.started(waiting, first_token=False)

@@ -2,8 +2,10 @@
 
 Every request passes through `AuthMiddleware` (pure ASGI, so streaming responses and context variables work):
 - `/health`, `/ping`, `/version` and `/metrics` are open (probes and Prometheus);
-- the inference routes in `TENANT_ROUTES` need a tenant key (or the anonymous tenant) and set `current_tenant` for
-  the request, which the engine hook reads; no header or body field can set it;
+- the inference routes in `TENANT_ROUTES` need a tenant key (or the anonymous tenant); the request is admitted
+  here, once, and `current_request` (tenant and mask version) is set for it, which the engine hook reads; no
+  header or body field can set it. Admitted is admitted: a mask dropped while the request waits for the engine
+  does not turn it into an error halfway through a stream (it runs with the mask its tenant still has bound);
 - every other path (`/depn/...` and vLLM's own operator routes: `/collective_rpc`, `/sleep`, `/pause`,
   `/scale_elastic_ep`, stored Responses, ...) needs the admin token; a tenant key gets 403 there.
 An `Authorization` header that is not `Bearer <token>` is refused, never read as "no key".
@@ -16,10 +18,11 @@ from contextvars import ContextVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from depn_serve.serving.request import MaskRequest
 from depn_serve.serving.server.api import API_PREFIX, ApiError, DropResult, ErrorBody, MaskListing, PushResult
 from depn_serve.serving.server.state import Refused, ServingState
 
-current_tenant: ContextVar[str | None] = ContextVar("depn_current_tenant", default=None)
+current_request: ContextVar[MaskRequest | None] = ContextVar("depn_current_request", default=None)
 
 OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
 # What a tenant key may reach: generation under its mask, and the model list and tokenizer it needs for that.
@@ -90,14 +93,14 @@ class AuthMiddleware:
             return await self._refuse(send, Refused(401 if not token else 403, "this route needs the admin token"))
         try:
             tenant = await self.state.authenticate(token)
-            self.state.admit(tenant.id)
+            version = self.state.admit(tenant.id)
         except Refused as exc:
             return await self._refuse(send, exc)
-        reset = current_tenant.set(tenant.id)
+        reset = current_request.set(MaskRequest(tenant.id, version))
         try:
             await self.app(scope, receive, send)
         finally:
-            current_tenant.reset(reset)
+            current_request.reset(reset)
 
     async def _refuse(self, send, exc: Refused) -> None:
         self.state.metrics.refused.labels(str(exc.status)).inc()

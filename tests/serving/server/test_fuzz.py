@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from depn_serve.serving.server.http import TENANT_ROUTES, AuthMiddleware, current_tenant
+from depn_serve.serving.server.http import TENANT_ROUTES, AuthMiddleware, current_request
 from depn_serve.serving.server.state import Refused
 from depn_serve.serving.server.tenants import TenantsConfig
 from tests.serving.server.conftest import ADMIN_TOKEN, Workers
@@ -99,7 +99,8 @@ def test_any_tenants_file_applies_whole_or_refuses(served, doc):
 
 def _app(log: list):
     async def app(scope, receive, send):
-        log.append(current_tenant.get())
+        request = current_request.get()
+        log.append(request and request.tenant)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
     return app

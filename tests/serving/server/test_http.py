@@ -6,7 +6,7 @@ import asyncio
 import httpx
 import pytest
 
-from depn_serve.serving.server.http import TENANT_ROUTES, AuthMiddleware, current_tenant
+from depn_serve.serving.server.http import TENANT_ROUTES, AuthMiddleware, current_request
 from depn_serve.serving.server.tenants import TenantsConfig
 from tests.serving.server.conftest import ADMIN_TOKEN, Workers
 
@@ -18,7 +18,8 @@ OPERATOR_ROUTES = [("POST", "/collective_rpc"), ("POST", "/update_weights"), ("P
 
 def _reached(scope_log):
     async def app(scope, receive, send):
-        scope_log.append((scope["path"], current_tenant.get()))
+        request = current_request.get()
+        scope_log.append((scope["path"], request and request.tenant))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
     return app
