@@ -3,6 +3,7 @@ certified masks for the tiny model, and `Workers`, which answers the state's eng
 does."""
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -18,6 +19,23 @@ from depn_serve.serving.server.tenants import TenantsConfig
 from tests.helpers import certified
 
 ADMIN_TOKEN = "t" * 20
+FS_STEPS = ("replace", "fsync", "unlink", "open")
+
+
+def at_step(k: int, action, setattr_=setattr) -> None:
+    """Run `action()` just before the k-th file-system step (os.open, fsync, replace, unlink) from now on: a
+    SIGKILL to crash there, or an OSError to fail there."""
+    count = [0]
+    for name in FS_STEPS:
+        real = getattr(os, name)
+
+        def step(*args, real=real, **kwargs):
+            count[0] += 1
+            if count[0] == k:
+                action()
+            return real(*args, **kwargs)
+
+        setattr_(os, name, step)
 
 
 class Workers:

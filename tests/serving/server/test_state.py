@@ -2,13 +2,16 @@
 tenants file changes while serving. (Serving itself is tested against a real engine in test_serving_api.)"""
 
 import asyncio
+import os
+import shutil
+import signal
 
 import pytest
 
 from depn_serve.artifacts.mask import NeuronMask
 from depn_serve.serving.server.state import Refused
 from depn_serve.serving.server.tenants import TenantsConfig
-from tests.serving.server.conftest import Workers
+from tests.serving.server.conftest import Workers, at_step
 
 
 def test_worker_failure_rolls_back_store_and_keeps_the_active_mask(world):
@@ -248,3 +251,42 @@ def test_first_token_waits_are_reported():
                          if line.startswith("depn_first_token_wait_seconds ")))
     assert 1.5 <= current < 2.5 and 3.0 <= metrics.longest_wait < 4.0
     assert "depn_first_token_wait_max_seconds" in text
+
+
+def test_a_server_killed_during_a_push_restarts_on_the_old_or_the_new_mask(world):
+    """SIGKILL before each file-system step of a push, then a restart: the store, its checksums and what the
+    workers are given agree, on the old mask or the new one, and a push that was answered is the one served."""
+    from depn_serve.artifacts.mask import pack_bits
+
+    make_state, mask, tmp_path = world
+    first, second = mask(1), mask(2)
+    packed = {name: pack_bits(NeuronMask.from_bytes(data).off).tobytes() for name, data in
+              (("first", first), ("second", second))}
+    state = make_state()
+    asyncio.run(state.start(Workers()))
+    asyncio.run(state.push("acme", "acme-main", first))
+    shutil.copytree(tmp_path / "store", tmp_path / "baseline")
+    for k in range(1, 100):
+        shutil.rmtree(tmp_path / "store")
+        shutil.copytree(tmp_path / "baseline", tmp_path / "store")
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                child = make_state()
+                asyncio.run(child.start(Workers()))
+                at_step(k, lambda: os.kill(os.getpid(), signal.SIGKILL))
+                asyncio.run(child.push("acme", "acme-main", second))
+                code = 7
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        restarted, workers = make_state(), Workers()
+        asyncio.run(restarted.start(workers))
+        served = workers.bound["acme"][1]
+        assert served in packed.values(), k
+        assert (served == packed["second"]) == (restarted.store.index.entry("acme", "acme-main").version == 2), k
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 7 and served == packed["second"]  # answered: served after a restart
+            break
+    assert k > 3

@@ -16,6 +16,7 @@ from depn_serve.core.arch import mlp_shape, read_config
 from depn_serve.core.errors import DepnError
 from depn_serve.core.fingerprint import model_fingerprint
 from depn_serve.serving.server.store import INDEX_NAME, MaskStore, StoreError
+from tests.serving.server.conftest import at_step
 
 
 @pytest.fixture
@@ -106,24 +107,6 @@ def test_opening_sweeps_what_a_crash_left(tmp_path, make_mask):
         "acme", "acme/m.v1.safetensors", "index.json"]
 
 
-FS_STEPS = ("replace", "fsync", "unlink", "open")
-
-
-def _at_step(k: int, action, setattr_=setattr) -> None:
-    """Run `action()` just before the k-th file-system step from now on."""
-    count = [0]
-    for name in FS_STEPS:
-        real = getattr(os, name)
-
-        def step(*args, real=real, **kwargs):
-            count[0] += 1
-            if count[0] == k:
-                action()
-            return real(*args, **kwargs)
-
-        setattr_(os, name, step)
-
-
 def _state(root) -> tuple:
     """What a restart sees: each tenant's masks with versions and bits, checked against the index's digests."""
     store = MaskStore(root)
@@ -175,7 +158,7 @@ def test_kill_9_at_every_step_leaves_the_old_or_the_new_state(tmp_path, make_mas
         if pid == 0:  # the child: crash at step k, or finish and say so with its exit status
             code = 3
             try:
-                _at_step(k, lambda: os.kill(os.getpid(), signal.SIGKILL))
+                at_step(k, lambda: os.kill(os.getpid(), signal.SIGKILL))
                 run(root)
                 code = 7
             finally:
@@ -202,7 +185,7 @@ def test_a_failed_write_leaves_the_old_state_whole(tmp_path, make_mask, monkeypa
         store = MaskStore(root)
         store.put("acme", "m", v1, m1, ["m"])
         before = _state(root)
-        _at_step(k, full, monkeypatch.setattr)
+        at_step(k, full, monkeypatch.setattr)
         try:
             store.put("acme", "m", v2, m2, ["m"])
             done = True
