@@ -187,6 +187,9 @@ def test_requests_that_fan_out_run_under_the_mask(setup, reference):
             logp = torch.log_softmax(model_(torch.tensor([query + tokens])).logits[0].float(), -1)
         expected = [logp[len(query) - 1 + i, t].item() for i, t in enumerate(tokens)]
         assert choice.logprobs.token_logprobs == pytest.approx(expected, abs=1e-3)
+    batch = a.completions.create(model=model, prompt=[prompt, prompt + " and"], max_tokens=MAX_TOKENS, temperature=0)
+    assert [c.text for c in sorted(batch.choices, key=lambda c: c.index)] == [
+        _hf_text(reference, p, off) for p in (prompt, prompt + " and")]
     beams = a.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0, n=2,
                                  extra_body={"use_beam_search": True})
     assert len(beams.choices) == 2
