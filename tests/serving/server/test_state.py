@@ -2,6 +2,7 @@
 tenants file changes while serving. (Serving itself is tested against a real engine in test_serving_api.)"""
 
 import asyncio
+import hashlib
 import os
 import shutil
 import signal
@@ -86,6 +87,12 @@ def test_the_tenants_file_applies_whole_while_serving(world, monkeypatch):
     assert refused.value.status == 403
     assert state.unions["acme"].mask_ids == ("acme-extra",) and "acme" not in state.store.index.tenant_masks
     assert state.metrics.tenants_file_ok._value.get() == 1
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert state.metrics.tenants_file.labels(digest)._value.get() == 1  # which file version is in force
+    config.tenant("globex").allow_unmasked = True  # flipped back: bound to the identity, not the zero row
+    config.save(path)
+    asyncio.run(state.authenticate(key))
+    assert state.admit("globex") == workers.bound["globex"][0] and workers.bound["globex"][1] is None
 
     # A revocation saved with a typo: every tenant request is refused, the file is parsed once, not per request.
     parsed = []
