@@ -195,6 +195,8 @@ class MaskStore:
 
     def _commit(self, index: StoreIndex) -> None:
         """Write `index` (the commit point), adopt it, then delete the files only the old index named."""
+        if self.legacy is not None:  # writing now would drop the format-1 masks from the index
+            raise StoreError(f"{self.root}: a store written by 0.1; `depn serve` moves it to this format first")
         before = self._named()
         path, text = self.root / INDEX_NAME, index.model_dump_json(indent=2)
         try:

@@ -47,6 +47,8 @@ def test_a_format_1_store_moves_to_per_tenant_ids(tmp_path, make_mask):
         "masks": {"shared": _entry(shared, 3), "spare": _entry(spare, built_for="initech")},
         "bindings": {"acme": ["shared"]}}))  # "bindings": the key's name before 0.2
     store = MaskStore(tmp_path)
+    with pytest.raises(StoreError, match="written by 0.1"):
+        store.put("acme", "new", shared, NeuronMask.from_bytes(shared), ["new"])
     store.migrate({"acme": ["other"], "globex": ["shared"]})  # acme's run-time list wins over its file list
     for tenant, mask_id, version in (("acme", "shared", 3), ("globex", "shared", 3), ("initech", "spare", 1)):
         assert store.index.entry(tenant, mask_id).version == version
