@@ -5,7 +5,8 @@ memory (1 bit per neuron); at most `num_slots` of them are expanded on the devic
 rows `keep[layer, slot, neuron]` in the model's dtype. Two extra rows are always resident: the identity (requests
 with no mask) and an all-zero "deny" row used when something that should be impossible happens (an unknown tenant,
 more distinct masks in one step than slots, or, in a server, a request that carries no tenant at all): the request
-then produces garbage instead of unmasked output, and an error is logged and counted. Nothing here raises during a step, because an exception inside a worker step kills vLLM's engine.
+then produces garbage instead of unmasked output, and an error is logged and counted. Nothing here raises during a
+step, because an exception inside a worker step kills vLLM's engine.
 
 This module knows nothing about vLLM; the version-keyed hooks in `patches/` call `assign` once per step, and the
 scheduler hook asks `held_back` which waiting requests must wait for a slot.
