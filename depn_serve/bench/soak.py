@@ -207,8 +207,8 @@ def run_soak(testbed: Path, work: Path, settings: SoakSettings, log: Callable[[s
     q = statistics.quantiles(push_ms, n=100) if len(push_ms) > 1 else [push_ms[0] if push_ms else 0.0] * 99
     return SoakReport(settings=settings, seconds=seconds, requests=stats["requests"], completed=stats["completed"],
                       streamed=stats["streamed"], refused=dict(refused), failures=len(failures),
-                      failure_examples=failures[:10], checked=stats["checked"], prompts_changed=changed, pushes=stats["pushes"],
-                      drops=stats["drops"], push_p50_ms=q[49], push_p99_ms=q[98],
+                      failure_examples=failures[:10], checked=stats["checked"], prompts_changed=changed,
+                      pushes=stats["pushes"], drops=stats["drops"], push_p50_ms=q[49], push_p99_ms=q[98],
                       longest_wait_s=float(match.group(1)) if match else float("nan"), rss_start_mib=rss_start,
                       rss_end_mib=rss_end, healthy_at_end=healthy)
 
