@@ -26,7 +26,7 @@ from depn_serve.artifacts.mask import MaskProvenance, NeuronMask, first_n, rando
 from depn_serve.core.arch import load_model, mlp_shape
 from depn_serve.core.fingerprint import model_fingerprint
 from depn_serve.core.records import load_records
-from depn_serve.demo.launch import ServerProcess
+from depn_serve.serving.process import ServerProcess
 from depn_serve.editing import masked
 from depn_serve.serving.client import AdminClient, AdminError
 from depn_serve.serving.server.tenants import TenantsConfig

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from depn_serve.core.arch import load_tokenizer
 from depn_serve.core.records import encode_record, load_records
-from depn_serve.demo.launch import ServerProcess
+from depn_serve.serving.process import ServerProcess
 from depn_serve.evaluation.attacks import reproduces
 from depn_serve.evaluation.matrix import IsolationMatrix, isolation_matrix, render_matrix
 from depn_serve.evaluation.remote import ApiOracle

@@ -18,7 +18,7 @@ from depn_serve.core.arch import load_model, load_tokenizer
 from depn_serve.core.records import encode_record, load_records
 from depn_serve.editing import masked
 from depn_serve.evaluation.attacks import ModelOracle, beam_search
-from depn_serve.demo.launch import ServerProcess
+from depn_serve.serving.process import ServerProcess
 from depn_serve.evaluation.matrix import PLAIN, MatrixSettings, isolation_matrix, matrix_from_masks, render_matrix
 from depn_serve.evaluation.remote import ApiOracle
 from depn_serve.selection.isolation import isolate, render_isolation

@@ -21,7 +21,7 @@ from depn_serve.cli import main as cli
 from depn_serve.core.arch import load_model, mlp_shape, read_config
 from depn_serve.core.fingerprint import model_fingerprint
 from depn_serve.core.records import load_records
-from depn_serve.demo.launch import ServerProcess
+from depn_serve.serving.process import ServerProcess
 from depn_serve.editing import masked
 from depn_serve.serving.server.tenants import TenantsConfig
 

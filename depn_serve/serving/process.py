@@ -1,4 +1,4 @@
-"""Run `depn serve` as a child process and talk to it over HTTP (the demo and the tests use this)."""
+"""Run `depn serve` as a child process and talk to it over HTTP (the demo, `depn bench soak`, the tests)."""
 
 from __future__ import annotations
 
