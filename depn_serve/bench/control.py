@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from depn_serve.artifacts.mask import MaskProvenance, NeuronMask, first_n, random_order
+from depn_serve.bench.soak import rss_mib
 from depn_serve.core.arch import mlp_shape, read_config
 from depn_serve.core.fingerprint import model_fingerprint
 from depn_serve.serving.server.metrics import DepnMetrics
@@ -46,17 +47,10 @@ class ControlPlaneReport(BaseModel):
         return "\n".join(["| control plane | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def run_control_bench(model: Path, work: Path, tenants: int = 5000, masked: int = 200, lookups: int = 20000,
                       seed: int = 0) -> ControlPlaneReport:
     logging.getLogger("depn_serve.serving").setLevel(logging.ERROR)  # one "unverified" line per random mask
-    rss_start = _rss_mib()
+    rss_start = rss_mib()
     shape, fingerprint = mlp_shape(read_config(model)), model_fingerprint(model)
     config = TenantsConfig()
     keys = [config.add_tenant(f"t{i:05d}", ["main"] if i < masked else [], allow_unmasked=i >= masked)
@@ -107,4 +101,4 @@ def run_control_bench(model: Path, work: Path, tenants: int = 5000, masked: int 
     q = statistics.quantiles(times, n=100)
     return ControlPlaneReport(tenants=tenants, masked_tenants=masked, tenants_file_kib=path.stat().st_size / 1024,
                               start_seconds=start_seconds, auth_p50_us=q[49] * 1e6, auth_p99_us=q[98] * 1e6,
-                              reload_seconds=reload_seconds, rss_start_mib=rss_start, rss_end_mib=_rss_mib())
+                              reload_seconds=reload_seconds, rss_start_mib=rss_start, rss_end_mib=rss_mib())

@@ -84,7 +84,8 @@ class SoakReport(BaseModel):
         return "\n".join(["| soak | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
-def _rss_mib(pid: int) -> float:
+def rss_mib(pid: int | str = "self") -> float:
+    """Resident memory of a process (this one by default), from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -136,7 +137,7 @@ def run_soak(testbed: Path, work: Path, settings: SoakSettings, log: Callable[[s
         admin.push(STABLE, "main", stable_mask)
         for tenant in churn:
             admin.push(tenant, "main", random_mask(tenant))
-        rss_start = _rss_mib(server.proc.pid)
+        rss_start = rss_mib(server.proc.pid)
         stats: dict = {"requests": 0, "completed": 0, "streamed": 0, "checked": 0, "pushes": 0, "drops": 0}
         refused: Counter[str] = Counter()
         failures: list[str] = []
@@ -201,7 +202,7 @@ def run_soak(testbed: Path, work: Path, settings: SoakSettings, log: Callable[[s
             healthy = server.complete(keys[STABLE], prompts[0], settings.max_tokens) == reference[prompts[0]]
         except OSError:
             healthy = False
-        rss_end = _rss_mib(server.proc.pid)
+        rss_end = rss_mib(server.proc.pid)
     finally:
         server.stop()
     q = statistics.quantiles(push_ms, n=100) if len(push_ms) > 1 else [push_ms[0] if push_ms else 0.0] * 99

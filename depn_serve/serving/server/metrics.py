@@ -102,7 +102,7 @@ class _WorkerCollector:
             ("overflows", "Requests that found no free slot (should stay 0: the scheduler holds them back)"),
             ("untagged", "Steps in which a request without a tenant reached the model (deny row; should stay 0)"),
         ):
-            yield CounterMetricFamily(f"depn_mask_slot_{name}", doc, value=status.get(name, 0))
+            yield CounterMetricFamily(f"depn_mask_slot_{name}", doc, value=status[name])
 
 
 class _WaitCollector:

@@ -32,7 +32,7 @@ from depn_serve.core.fingerprint import ModelFingerprint
 from depn_serve.serving.server.api import DropResult, ListedMask, MaskListing, PushResult, TenantListing
 from depn_serve.serving.server.metrics import DepnMetrics
 from depn_serve.serving.server.store import MaskStore, StoreError, check_id
-from depn_serve.serving.server.tenants import Tenant, TenantsConfig, TenantsError
+from depn_serve.serving.server.tenants import Tenant, TenantsConfig
 
 logger = logging.getLogger("depn_serve.serving")
 
@@ -88,8 +88,7 @@ class ServingState:
         self.metrics = metrics
         self.allow_unverified = allow_unverified
         self._tenants_stamp = _stamp(self.tenants_path)
-        self.tenants = TenantsConfig.load(self.tenants_path)
-        self._index = self.tenants.index()
+        self._index = TenantsConfig.load(self.tenants_path).index()
         self._tenants_problem: str | None = None  # the file changed and could not be applied: requests are refused
         self._reloading = False
         self._tenants_digest = ""
@@ -101,6 +100,11 @@ class ServingState:
         self._planned: dict[str, MaskUnion] = {}
         self._status_lock = asyncio.Lock()
         self._status_at: float | None = None  # monotonic time of the last worker status
+
+    @property
+    def tenants(self) -> TenantsConfig:
+        """The tenants file in force (the last version that applied)."""
+        return self._index.config
 
     # --- start-up -------------------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -334,7 +338,7 @@ class ServingState:
                     except Exception as again:
                         logger.error("depn-serve: could not re-bind tenant %r: %s", tenant_id, again)
             raise
-        self.tenants, self._index = config, index
+        self._index = index
         for tenant_id in set(self.unions) - set(index.by_id):
             del self.unions[tenant_id]  # removed: its keys no longer authenticate, admission refuses it
         for tenant_id, (_, union) in plans.items():
@@ -348,16 +352,7 @@ class ServingState:
         for mask_id in mask_ids:
             if mask_id in missing:
                 continue
-            if mask_id in pushed:
-                off = pushed[mask_id].off.clone() if off is None else off | pushed[mask_id].off
-                continue
-            try:
-                mask = self.store.load(tenant_id, mask_id)
-                source = f"tenant {tenant_id!r} mask {mask_id!r}"
-                mask.check_model(self.fingerprint, self.shape, source=source)
-                self.gate(mask, source)
-            except (MaskError, StoreError) as exc:
-                raise Refused(409, str(exc)) from None
+            mask = pushed[mask_id] if mask_id in pushed else self._stored(tenant_id, mask_id)
             off = mask.off.clone() if off is None else off | mask.off
         self._version += 1
         return MaskUnion(self._version, tuple(mask_ids), off, missing)
@@ -369,6 +364,17 @@ class ServingState:
         if union.missing or union.problem or (not union.masked and not tenant.allow_unmasked):
             return None
         return tenant.id, union.version, pack_bits(union.off).tobytes() if union.masked else None
+
+    def _stored(self, tenant_id: str, mask_id: str) -> NeuronMask:
+        """A stored mask, checked again (the file, the model, the gate) before it is bound."""
+        try:
+            mask = self.store.load(tenant_id, mask_id)
+            source = f"tenant {tenant_id!r} mask {mask_id!r}"
+            mask.check_model(self.fingerprint, self.shape, source=source)
+            self.gate(mask, source)
+        except (MaskError, StoreError) as exc:
+            raise Refused(409, str(exc)) from None
+        return mask
 
     async def _bind(self, tenant: Tenant, union: MaskUnion) -> None:
         binding = self._binding(tenant, union)

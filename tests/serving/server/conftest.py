@@ -55,7 +55,7 @@ class Workers:
             return [None]
         self.status_calls += 1
         await asyncio.sleep(0.01)  # an engine round trip: scrapes arriving meanwhile must wait for it, not add more
-        return [{"slots": 4, "resident": {}, "loads": 0, "evictions": 0, "overflows": 0}]
+        return [{"slots": 4, "resident": {}, "loads": 0, "evictions": 0, "overflows": 0, "untagged": 0}]
 
 
 @pytest.fixture
