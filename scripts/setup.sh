@@ -13,3 +13,6 @@ python -m pip install --quiet -e '.[cpu,dev]'
 # against torch+cpu ("operator torchvision::nms does not exist"); vLLM serves text models without them.
 python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 python -c "import torch, transformers, vllm; print(f'torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}')"
+# Debian's prometheus + promtool into .venv/bin, for tests/deploy/test_observability.py. Not fatal here: without
+# them those tests fail in CI (CI=true) with the reason, and skip elsewhere.
+bash scripts/get_prometheus.sh || echo "setup: Prometheus is not available; see the message above" >&2

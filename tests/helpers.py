@@ -73,3 +73,18 @@ def certified(mask, passed: bool = True):
         policy=MaskPolicy.isolation(mask.manifest.tenant), attacks={}, criteria=Criteria(), records=records,
         perplexity_before=10.0, perplexity_after=10.0, seconds=0.0, failures=failures, passed=not failures)
     return mask.certified(verification)
+
+
+def http_status(url: str, key: str | None, path: str = "/v1/models", method: str = "GET") -> int:
+    """The status a request with this key (or none) gets from a running server."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url + path, method=method)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code

@@ -3,9 +3,11 @@
 Tenants: one *stable* tenant whose mask never changes (every greedy answer it gets is compared with the HF
 reference under that mask, token for token) and churn tenants whose masks are replaced or dropped every few seconds
 (dropped = refused with 403 until the next push, a documented answer). There are fewer mask slots than tenants, so
-the scheduler's hold-back and the slot LRU work all the time. Clients stream or not, completions or chat, at random.
-A failure is anything else: an unexpected status, a broken stream, a stable answer that differs, a push that
-fails, an engine that dies.
+the scheduler's hold-back and the slot LRU work all the time. Clients stream or not, completions or chat, at random,
+while hostile requests (odd methods, paths, credentials, broken masks) hit the same server. A failure is anything
+else: an unexpected status, a broken stream, a stable answer that differs, a push that fails, a hostile request
+answered with 5xx, an engine that dies. Then the faults (`faults.py`): kill -9 during mask changes and a disk that
+refuses writes, each checked against the store and the HF reference.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import torch
 from pydantic import BaseModel, Field
 
@@ -26,12 +29,14 @@ from depn_serve.artifacts.mask import MaskProvenance, NeuronMask, first_n, rando
 from depn_serve.core.arch import load_model, mlp_shape
 from depn_serve.core.fingerprint import model_fingerprint
 from depn_serve.core.records import load_records
+from depn_serve.bench.faults import MASK_ID, FaultReport, Faults, hostile_request
 from depn_serve.serving.process import ServerProcess
 from depn_serve.editing import masked
 from depn_serve.serving.client import AdminClient, AdminError
 from depn_serve.serving.server.tenants import TenantsConfig
 
 STABLE = "stable"
+HOSTILE = "hostile"  # the tenant that admin-authenticated hostile requests may change
 
 
 class SoakSettings(BaseModel):
@@ -43,6 +48,9 @@ class SoakSettings(BaseModel):
     max_tokens: int = Field(16, ge=1)
     mask_fraction: float = Field(0.25, gt=0, lt=1, description="share of MLP neurons each random mask switches off")
     prompts: int = Field(8, ge=1, description="record prompts the clients use")
+    hostile_every: float = Field(0.05, gt=0, description="seconds between two hostile requests")
+    kills: int = Field(4, ge=0, description="times the server is killed -9 during a mask change, then restarted")
+    disk_faults: int = Field(4, ge=0, description="pushes made while the store's disk refuses writes")
     seed: int = 0
 
 
@@ -57,6 +65,7 @@ class SoakReport(BaseModel):
     failure_examples: list[str]
     checked: int  # stable answers compared with the HF reference
     prompts_changed: int  # prompts whose answer the stable mask changes (so the comparison can tell masks apart)
+    hostile: int  # hostile requests sent (each must be answered below 500)
     pushes: int
     drops: int
     push_p50_ms: float
@@ -64,7 +73,12 @@ class SoakReport(BaseModel):
     longest_wait_s: float  # the server's depn_first_token_wait_max_seconds
     rss_start_mib: float
     rss_end_mib: float
+    faults: FaultReport
     healthy_at_end: bool
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures and not self.faults.problems and self.healthy_at_end
 
     def markdown(self) -> str:
         rows = [
@@ -75,10 +89,17 @@ class SoakReport(BaseModel):
             ("stable tenant's answers equal to the HF reference under its mask",
              (f"{self.checked:,} of {self.checked:,}" if not self.failures else f"{self.checked:,} checked")
              + f" ({self.prompts_changed} of {self.settings.prompts} prompts answered differently unmasked)"),
+            ("hostile requests (every one answered below 500)" if not self.failures else "hostile requests",
+             f"{self.hostile:,}"),
             ("pushes / drops applied", f"{self.pushes} / {self.drops}"),
             ("push-to-active p50 / p99", f"{self.push_p50_ms:.0f} / {self.push_p99_ms:.0f} ms"),
             ("longest wait for a first token", f"{self.longest_wait_s:.2f} s"),
-            ("API server RSS at start / end", f"{self.rss_start_mib:,.0f} / {self.rss_end_mib:,.0f} MiB"),
+            ("API server RSS at start / end of the load", f"{self.rss_start_mib:,.0f} / {self.rss_end_mib:,.0f} MiB"),
+            ("kill -9 during a push or drop, then restart (acknowledged before the kill)",
+             f"{self.faults.kills} ({self.faults.kills_after_ack})"),
+            ("pushes while the disk refused writes (507, old mask kept)", f"{self.faults.disk_faults}"),
+            ("**faults survived** (store, checksums, listing and served masks agree)",
+             f"**{self.faults.survived} of {self.faults.kills + self.faults.disk_faults}**"),
             ("engine healthy at the end", "yes" if self.healthy_at_end else "NO"),
         ]
         return "\n".join(["| soak | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in rows)])
@@ -121,24 +142,30 @@ def run_soak(testbed: Path, work: Path, settings: SoakSettings, log: Callable[[s
     with masked(model, NeuronMask.load(stable_mask).off):
         reference = {prompt: greedy(prompt) for prompt in prompts}
     changed = sum(greedy(prompt) != reference[prompt] for prompt in prompts)
-    del model
+
+    def reference_under(off: torch.Tensor) -> str:
+        with masked(model, off):
+            return greedy(prompts[0])
 
     config = TenantsConfig()
     churn = [f"churn{i}" for i in range(1, settings.tenants)]
-    keys = {t: config.add_tenant(t, ["main"]) for t in [STABLE, *churn]}
+    keys = {t: config.add_tenant(t, [MASK_ID]) for t in [STABLE, *churn, HOSTILE]}
     config.save(work / "tenants.yaml")
-    (work / "admin.token").write_text("admin-" + "s" * 32)
+    admin_token = "admin-" + "s" * 32
+    (work / "admin.token").write_text(admin_token)
     server = ServerProcess(model_dir, work / "tenants.yaml", work / "store", work / "admin.token",
                            work / "server.log", max_mask_slots=settings.slots, allow_unverified=True)
     log(f"starting depn serve ({settings.tenants} tenants, {settings.slots} slots) …")
     server.start()
     admin = AdminClient(server.url, work / "admin.token")
     try:
-        admin.push(STABLE, "main", stable_mask)
-        for tenant in churn:
-            admin.push(tenant, "main", random_mask(tenant))
+        admin.push(STABLE, MASK_ID, stable_mask)
+        for tenant in [*churn, HOSTILE]:
+            admin.push(tenant, MASK_ID, random_mask(tenant))
+        hostile_mask = random_mask(HOSTILE).read_bytes()
         rss_start = rss_mib(server.proc.pid)
-        stats: dict = {"requests": 0, "completed": 0, "streamed": 0, "checked": 0, "pushes": 0, "drops": 0}
+        stats: dict = {"requests": 0, "completed": 0, "streamed": 0, "checked": 0, "pushes": 0, "drops": 0,
+                       "hostile": 0}
         refused: Counter[str] = Counter()
         failures: list[str] = []
         push_ms: list[float] = []
@@ -175,22 +202,38 @@ def run_soak(testbed: Path, work: Path, settings: SoakSettings, log: Callable[[s
                 tenant = rng.choice(churn)
                 try:
                     if has_mask[tenant] and rng.random() < 0.3:
-                        await asyncio.to_thread(admin.drop, tenant, "main")
+                        await asyncio.to_thread(admin.drop, tenant, MASK_ID)
                         stats["drops"] += 1
                         has_mask[tenant] = False
                     else:
                         path = random_mask(tenant)
                         started = time.perf_counter()  # from sending the mask to its answer: bound in every worker
-                        await asyncio.to_thread(admin.push, tenant, "main", path)
+                        await asyncio.to_thread(admin.push, tenant, MASK_ID, path)
                         push_ms.append((time.perf_counter() - started) * 1000)
                         stats["pushes"] += 1
                         has_mask[tenant] = True
                 except AdminError as exc:
                     failures.append(f"mask change for {tenant}: {exc}")
 
+        async def hostile_loop(deadline: float) -> None:
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(settings.hostile_every)
+                    method, path, headers, body = hostile_request(rng, keys, admin_token, HOSTILE, hostile_mask)
+                    stats["hostile"] += 1
+                    try:
+                        answer = await http.request(method, path, headers=headers, content=body)
+                    except httpx.HTTPError as exc:
+                        failures.append(f"hostile {method} {path[:80]}: {type(exc).__name__}: {exc}")
+                        continue
+                    if answer.status_code >= 500:
+                        failures.append(f"hostile {method} {path[:80]} {headers}: {answer.status_code} "
+                                        f"{answer.text[:200]}")
+
         async def soak() -> None:
             deadline = time.monotonic() + settings.seconds
-            await asyncio.gather(push_loop(deadline), *(client_loop(deadline) for _ in range(settings.concurrency)))
+            await asyncio.gather(push_loop(deadline), hostile_loop(deadline),
+                                 *(client_loop(deadline) for _ in range(settings.concurrency)))
 
         log(f"load for {settings.seconds:.0f} s …")
         started = time.perf_counter()
@@ -198,20 +241,26 @@ def run_soak(testbed: Path, work: Path, settings: SoakSettings, log: Callable[[s
         seconds = time.perf_counter() - started
         metrics = server.metrics()
         match = re.search(r"^depn_first_token_wait_max_seconds (\S+)$", metrics, re.M)
+        rss_end = rss_mib(server.proc.pid)
+        faults = Faults(server, admin, work / "store", keys, churn, prompts[0], settings.max_tokens, reference_under,
+                        random_mask, rng)
+        for i in range(settings.kills + settings.disk_faults):
+            log(f"fault {i + 1} of {settings.kills + settings.disk_faults} …")
+            faults.kill_during_change() if i < settings.kills else faults.disk_refuses_writes()
         try:
             healthy = server.complete(keys[STABLE], prompts[0], settings.max_tokens) == reference[prompts[0]]
         except OSError:
             healthy = False
-        rss_end = rss_mib(server.proc.pid)
     finally:
         server.stop()
     q = statistics.quantiles(push_ms, n=100) if len(push_ms) > 1 else [push_ms[0] if push_ms else 0.0] * 99
     return SoakReport(settings=settings, seconds=seconds, requests=stats["requests"], completed=stats["completed"],
                       streamed=stats["streamed"], refused=dict(refused), failures=len(failures),
                       failure_examples=failures[:10], checked=stats["checked"], prompts_changed=changed,
-                      pushes=stats["pushes"], drops=stats["drops"], push_p50_ms=q[49], push_p99_ms=q[98],
+                      hostile=stats["hostile"], pushes=stats["pushes"], drops=stats["drops"], push_p50_ms=q[49],
+                      push_p99_ms=q[98],
                       longest_wait_s=float(match.group(1)) if match else float("nan"), rss_start_mib=rss_start,
-                      rss_end_mib=rss_end, healthy_at_end=healthy)
+                      rss_end_mib=rss_end, faults=faults.report, healthy_at_end=healthy)
 
 
 async def _ask(client, model_id: str, prompt: str, max_tokens: int, stream: bool, chat: bool) -> str:

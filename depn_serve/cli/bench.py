@@ -110,23 +110,33 @@ def _soak_setting(name: str, **kwargs):
 @_soak_setting("push-every")
 @_soak_setting("max-tokens")
 @_soak_setting("mask-fraction")
+@_soak_setting("hostile-every")
+@_soak_setting("kills")
+@_soak_setting("disk-faults")
 @_soak_setting("seed")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="write the report here")
-def soak(testbed: Path, json_path: Path | None, **options) -> None:
-    """A real `depn serve` under load while masks are pushed and dropped; exits 1 on any failure."""
+@click.option("--work", type=click.Path(path_type=Path, file_okay=False),
+              help="keep the server's log, tenants file and store here (default: a temporary folder)")
+def soak(testbed: Path, json_path: Path | None, work: Path | None, **options) -> None:
+    """A real `depn serve` under load and hostile requests while masks are pushed and dropped, then killed -9
+    during mask changes and made to fail store writes; exits 1 on any failure."""
     from depn_serve.bench.soak import SoakSettings, run_soak
 
     settings = SoakSettings(**options)
     if settings.slots >= settings.tenants:
         raise click.BadParameter(f"expected fewer slots than tenants ({settings.tenants})", param_hint="--slots")
-    with tempfile.TemporaryDirectory(prefix="depn-soak-") as work:
-        report = run_soak(testbed, Path(work), settings, log=console.print)
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        report = run_soak(testbed, work, settings, log=console.print)
+    else:
+        with tempfile.TemporaryDirectory(prefix="depn-soak-") as temporary:
+            report = run_soak(testbed, Path(temporary), settings, log=console.print)
     if json_path:
         json_path.write_text(report.model_dump_json(indent=2))
     click.echo(report.markdown())
-    for example in report.failure_examples:
+    for example in [*report.failure_examples, *report.faults.problems]:
         click.echo(f"failure: {example}", err=True)
-    if report.failures or not report.healthy_at_end:
+    if not report.passed:
         raise SystemExit(1)
 
 

@@ -51,9 +51,31 @@ def inspect(mask_path: Path, as_json: bool, plot: Path | None) -> None:
             console.print(f"plot -> {plot}")
 
 
+SERVER_HELP = "base URL of depn serve, e.g. http://127.0.0.1:8000"
+
+
 def _server_options(command):
-    command = click.option("--server", required=True, help="base URL of depn serve, e.g. http://127.0.0.1:8000")(command)
+    command = click.option("--server", required=True, help=SERVER_HELP)(command)
     return existing_file("--admin-token-file", "token_file", required=True)(command)
+
+
+def _target_options(command):
+    """Where a change goes: one server (`--server`, `--admin-token-file`), or the mask store a fleet shares
+    (`--store`, `--tenants`), which every server sharing it applies within a second."""
+    command = click.option("--server", help=SERVER_HELP)(command)
+    command = existing_file("--admin-token-file", "token_file")(command)
+    command = click.option("--store", type=click.Path(path_type=Path, exists=True, file_okay=False),
+                           help="write into this mask store directly (the servers sharing it apply it)")(command)
+    return existing_file("--tenants", "tenants_path", help="the fleet's tenants file (with --store)")(command)
+
+
+def _check_target(server: str | None, token_file: Path | None, store: Path | None, tenants_path: Path | None) -> None:
+    if (server is None) == (store is None):
+        raise click.UsageError("give --server (with --admin-token-file) or --store (with --tenants)")
+    if server is not None and token_file is None:
+        raise click.UsageError("--server needs --admin-token-file")
+    if store is not None and tenants_path is None:
+        raise click.UsageError("--store needs --tenants (the tenants file the fleet serves)")
 
 
 def _client(server: str, token_file: Path):
@@ -63,13 +85,24 @@ def _client(server: str, token_file: Path):
 
 
 @masks.command("push")
-@_server_options
+@_target_options
 @click.option("--tenant", required=True)
 @existing_file("--mask", "mask_path", required=True)
 @click.option("--id", "mask_id", default=None, help="mask id in the store (default: the file name without suffix)")
-def push(server: str, token_file: Path, tenant: str, mask_path: Path, mask_id: str | None) -> None:
-    """Upload a mask; the server validates it, stores it and activates it for the tenant without a restart."""
-    result = _client(server, token_file).push(tenant, mask_id or mask_path.stem, mask_path)
+def push(server: str | None, token_file: Path | None, store: Path | None, tenants_path: Path | None, tenant: str,
+         mask_path: Path, mask_id: str | None) -> None:
+    """Upload a mask; the server validates it, stores it and activates it for the tenant without a restart. With
+    --store, the servers sharing the store check and activate it within a second (`depn masks status` shows it)."""
+    _check_target(server, token_file, store, tenants_path)
+    mask_id = mask_id or mask_path.stem
+    if store is not None:
+        from depn_serve.serving.server.fleet import push_to_store
+
+        entry, generation = push_to_store(store, tenants_path, tenant, mask_id, mask_path.read_bytes())
+        click.echo(f"stored {mask_id} v{entry.version} ({entry.neurons} neurons) for {tenant} in {store} "
+                   f"(generation {generation}); the servers sharing it apply it within a second")
+        return
+    result = _client(server, token_file).push(tenant, mask_id, mask_path)
     click.echo(f"pushed {result.mask} v{result.version} ({result.neurons} neurons) to {result.tenant}; "
                f"tenant now masks {result.tenant_neurons} neurons")
     click.echo(result.verification)
@@ -86,7 +119,8 @@ def list_(server: str, token_file: Path, as_json: bool) -> None:
     if as_json:
         click.echo(listing.model_dump_json(indent=2))
         return
-    table = Table(title=f"{listing.resident} of {listing.slots} mask slots resident")
+    table = Table(title=f"{listing.resident} of {listing.slots} mask slots resident; store generation "
+                        f"{listing.store_generation}")
     for column in ("tenant", "masks (id vN: neurons, verification)", "masked neurons", "resident", "unmasked allowed"):
         table.add_column(column)
     for t in listing.tenants:
@@ -95,20 +129,64 @@ def list_(server: str, token_file: Path, as_json: bool) -> None:
             masks_desc += f" (not pushed yet: {', '.join(t.missing)})"
         if t.problem:
             masks_desc += f" QUARANTINED: {t.problem}"
+        if t.behind:
+            masks_desc += f" BEHIND THE STORE (serving its previous masks): {t.behind}"
         table.add_row(t.tenant, masks_desc, str(t.masked_neurons), "yes" if t.resident else "no",
                       "yes" if t.allow_unmasked else "no")
     console.print(table)
 
 
 @masks.command("drop")
-@_server_options
+@_target_options
 @click.option("--tenant", required=True)
 @click.option("--id", "mask_id", required=True)
-def drop(server: str, token_file: Path, tenant: str, mask_id: str) -> None:
+def drop(server: str | None, token_file: Path | None, store: Path | None, tenants_path: Path | None, tenant: str,
+         mask_id: str) -> None:
     """Stop using a mask for a tenant (deleted from the store once no tenant uses it)."""
+    _check_target(server, token_file, store, tenants_path)
+    if store is not None:
+        from depn_serve.serving.server.fleet import drop_from_store
+
+        left, generation = drop_from_store(store, tenants_path, tenant, mask_id)
+        click.echo(f"dropped {mask_id} from {tenant} in {store} (masks now: {left or 'none'}; generation "
+                   f"{generation}){'' if left else '; it has no mask left and will get 403'}")
+        return
     result = _client(server, token_file).drop(tenant, mask_id)
     state = "" if result.servable else "; it has no mask left and will get 403"
     click.echo(f"dropped {result.dropped} from {result.tenant} (masks now: {result.masks or 'none'}){state}")
+
+
+@masks.command("status")
+@click.option("--server", "servers", multiple=True, required=True, help="a server of the fleet (repeat for each)")
+@existing_file("--admin-token-file", "token_file", required=True)
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, help="seconds to wait for the servers to converge")
+@click.option("--json", "as_json", is_flag=True)
+def status(servers: tuple[str, ...], token_file: Path, wait: float, as_json: bool) -> None:
+    """What each server serves every tenant with, and whether the fleet converged (exit 1 if it did not)."""
+    import time
+
+    from rich.table import Table
+
+    from depn_serve.serving.server.fleet import fleet_status
+
+    deadline = time.monotonic() + wait
+    while True:
+        report = fleet_status({s: _client(s, token_file).list() for s in servers})
+        if report.converged or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+    else:
+        table = Table(title="converged" if report.converged else "NOT converged")
+        table.add_column("tenant")
+        for server, generation in zip(report.servers, report.generations):
+            table.add_column(f"{server} (generation {generation})")
+        for tenant, row in report.masks.items():
+            table.add_row(tenant, *row)
+        console.print(table)
+    if not report.converged:
+        raise SystemExit(1)
 
 
 COMMANDS = [masks]

@@ -1,4 +1,4 @@
-"""Atomic file writes (a failed or interrupted write leaves the previous file whole) and file digests."""
+"""Atomic file writes (a failed or interrupted write leaves the previous file whole), file digests and stamps."""
 
 from __future__ import annotations
 
@@ -41,3 +41,12 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file apart cheaply (an atomic save is a new inode); None if it cannot be read."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size

@@ -3,6 +3,7 @@ bodies, nothing else (no torch, no vLLM)."""
 
 from __future__ import annotations
 
+import http.client
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -46,6 +47,9 @@ class AdminClient:
             raise AdminError(exc.code, message) from None
         except urllib.error.URLError as exc:
             raise AdminError(0, f"cannot reach {self.base} ({exc.reason})") from None
+        except (http.client.HTTPException, OSError) as exc:  # the connection dropped: nothing says what was done
+            raise AdminError(0, f"{self.base}{path}: the connection was lost before an answer ({exc!r}); check "
+                                "with `depn masks list` whether the change was applied") from None
         except ValidationError as exc:
             raise AdminError(0, f"{self.base}{path}: unexpected answer ({exc.errors()[0]['msg']})") from None
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -48,7 +50,7 @@ class ServerProcess:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-3000:]
+                tail = self.log_path.read_text(errors="replace")[-12000:]  # vLLM's root cause is above its summary
                 raise RuntimeError(f"depn serve exited with {self.proc.returncode}:\n{tail}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
@@ -60,13 +62,31 @@ class ServerProcess:
         raise RuntimeError(f"depn serve was not healthy after {timeout:.0f} s (log: {self.log_path})")
 
     def stop(self) -> None:
+        """SIGTERM, then whatever of the server is left (an engine still starting ignores it) gets SIGKILL."""
+        import psutil  # vLLM's dependency
+
         if self.proc is None or self.proc.poll() is not None:
             return
+        children = psutil.Process(self.proc.pid).children(recursive=True)
         self.proc.terminate()
         try:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+        for process in psutil.wait_procs(children, timeout=10)[1]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the server at once, as a power cut or the OOM killer would."""
+        import psutil  # vLLM's dependency
+
+        if self.proc is not None and self.proc.poll() is None:
+            server = psutil.Process(self.proc.pid)
+            for process in [*server.children(recursive=True), server]:  # the engine's processes too
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.send_signal(signal.SIGKILL)
             self.proc.wait()
 
     def __enter__(self) -> ServerProcess:

@@ -2,8 +2,9 @@
 adapter), stored in `SamplingParams.extra_args` under keys only the server may set.
 
 Clients can send `vllm_xargs`, which vLLM copies into the same dict, so the server refuses any client key with the
-`depn_` prefix and then writes these itself. The prefix cache is keyed by tenant and mask version through vLLM's
-cache salt, so KV computed under one mask is never reused under another.
+`depn_` prefix and then writes these itself. The prefix cache is keyed by tenant and the mask's content hash through
+vLLM's cache salt, so KV computed under one mask is never reused under another, also across restarts and replicas
+that share a KV cache (a version number is only unique within one server process).
 """
 
 from __future__ import annotations
@@ -15,18 +16,21 @@ from typing import Any
 RESERVED_PREFIX = "depn_"
 TENANT_KEY = "depn_tenant"
 VERSION_KEY = "depn_version"
+DIGEST_KEY = "depn_mask_sha256"
 
 
 @dataclass(frozen=True)
 class MaskRequest:
-    """Run this request with `tenant`'s mask; `version` is the mask version the server admitted it under (offline
-    engines may leave it out)."""
+    """Run this request with `tenant`'s mask; `version` is the mask version the server admitted it under and
+`digest` the hash of that mask's bits (offline engines may leave both out)."""
 
     tenant: str
     version: Any = None
+    digest: str | None = None
 
     def to_extra_args(self) -> dict[str, Any]:
-        return {TENANT_KEY: self.tenant} if self.version is None else {TENANT_KEY: self.tenant, VERSION_KEY: self.version}
+        extra = {TENANT_KEY: self.tenant, VERSION_KEY: self.version, DIGEST_KEY: self.digest}
+        return {k: v for k, v in extra.items() if v is not None}
 
     @classmethod
     def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> MaskRequest | None:
@@ -34,7 +38,7 @@ class MaskRequest:
         tenant = (extra_args or {}).get(TENANT_KEY)
         if not isinstance(tenant, str):
             return None
-        return cls(tenant, extra_args.get(VERSION_KEY))
+        return cls(tenant, extra_args.get(VERSION_KEY), extra_args.get(DIGEST_KEY))
 
 
 def tenant_of(extra_args: Mapping[str, Any] | None) -> str | None:
@@ -49,9 +53,11 @@ def reserved_keys(extra_args: Mapping[str, Any] | None) -> list[str]:
 
 
 def cache_salt(request: MaskRequest | None, client_salt: str | None) -> str:
-    """Prefix-cache salt: tenant and mask version first, so no client-chosen salt can produce another tenant's."""
+    """Prefix-cache salt: tenant and the mask's content hash first (its version where no hash was given), so no
+    client-chosen salt can produce another tenant's or another mask's."""
     if request is None:
         salt = "depn:-:-"
     else:
-        salt = f"depn:{request.tenant or '-'}:{request.version if request.version is not None else '-'}"
+        mask = request.digest or (f"v{request.version}" if request.version is not None else "-")
+        salt = f"depn:{request.tenant or '-'}:{mask}"
     return salt if client_salt is None else f"{salt}|{client_salt}"

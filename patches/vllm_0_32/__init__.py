@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import logging
+
 WORKER_EXTENSION_CLS = "depn_serve_patches.vllm_0_32.worker.DepnWorkerExtension"
 
 _installed = False
@@ -17,9 +19,31 @@ def install() -> None:
         return
     from . import engine, worker
 
+    _log_like_vllm()
     worker.install()
     engine.install()
     _installed = True
+
+
+def _log_like_vllm() -> None:
+    """depn-serve's lines go through vLLM's logger, so they reach its handlers, format and level
+    (`VLLM_LOGGING_LEVEL`, `--log-config-file`) in every process. Left to the root logger they were lost: once
+    serving, it is at ERROR, so a quarantined tenant or an unverified push went unlogged."""
+    ours = logging.getLogger("depn_serve")
+    if not any(isinstance(h, _ToVllm) for h in ours.handlers):
+        ours.addHandler(_ToVllm())
+        ours.propagate = False
+        ours.setLevel(logging.DEBUG)  # not the root's level: vLLM's decides, in `_ToVllm`
+
+
+class _ToVllm(logging.Handler):
+    """Hands each record to the `vllm` logger as it is configured when the record is emitted (vLLM sets its
+    handlers up after the plugin is loaded)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        vllm_logger = logging.getLogger("vllm")
+        if vllm_logger.isEnabledFor(record.levelno):
+            vllm_logger.handle(record)
 
 
 def frontend_hooks():

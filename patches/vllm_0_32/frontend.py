@@ -106,7 +106,7 @@ def _bind_requests(state: ServingState) -> None:
         request = current_request.get()
         delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
         waiting = object()
-        state.metrics.waiting(waiting)
+        state.metrics.waiting(waiting, request.tenant if request is not None else None)
         try:
             async for output in generate(self, prompt, sampling_params, request_id, *args, **kwargs):
                 state.metrics.started(waiting)
@@ -115,7 +115,7 @@ def _bind_requests(state: ServingState) -> None:
                     state.metrics.generated_tokens.labels(state.metrics.tenant_label(request.tenant)).inc(count)
                 yield output
         finally:
-            state.metrics.started(waiting, first_token=False)
+            state.metrics.finished(waiting)
 
     AsyncLLM.add_request = patched_add_request
     AsyncLLM.generate = patched_generate

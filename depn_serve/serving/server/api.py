@@ -71,6 +71,8 @@ class TenantListing(_Body):
     problem: str | None = Field(None, description="why the tenant is quarantined: a stored mask failed its checks "
                                                   "(push a good one under the same id, or drop it)")
     resident: bool = Field(description="the tenant's current masks are loaded in a device slot")
+    behind: str | None = Field(None, description="why this server still serves the tenant's previous masks: the "
+                               "store's could not be applied (retried every second)")
 
 
 class MaskListing(_Body):
@@ -79,6 +81,8 @@ class MaskListing(_Body):
     tenants: list[TenantListing]
     slots: int | None
     resident: int
+    store_generation: int = Field(description="the mask store generation this server applied: servers sharing a "
+                                  "store that report the same one, none behind, serve the same masks")
 
 
 class ApiError(_Body):

@@ -13,6 +13,7 @@ An `Authorization` header that is not `Bearer <token>` is refused, never read as
 
 from __future__ import annotations
 
+import json
 from contextvars import ContextVar
 
 from fastapi import APIRouter, Request
@@ -63,6 +64,28 @@ async def _send_error(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _with_body(send, body: bytes):
+    """vLLM's answer with `body` (JSON) in place of its empty one: `/health` stays 200 while some tenants are not
+    served as the store says (the others are), and says which."""
+    replacing = False
+
+    async def wrapped(message) -> None:
+        nonlocal replacing
+        if message["type"] == "http.response.start" and message["status"] == 200:
+            replacing = True
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in (b"content-length",
+                                                                                          b"content-type")]
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            message = {**message, "headers": headers}
+        elif message["type"] == "http.response.body" and replacing:
+            if message.get("more_body"):
+                return
+            message = {"type": "http.response.body", "body": body}
+        await send(message)
+
+    return wrapped
+
+
 class AuthMiddleware:
     def __init__(self, app, state: ServingState):
         self.app = app
@@ -77,6 +100,8 @@ class AuthMiddleware:
             path = path[len(root):] or "/"
         route = path.rstrip("/") or "/"
         if route in OPEN_PATHS or scope["method"] == "OPTIONS":
+            if route == "/health" and (detail := self.state.health_detail()) is not None:
+                return await self.app(scope, receive, _with_body(send, json.dumps(detail).encode()))
             if route == "/metrics":
                 try:
                     await self.state.worker_status(max_age=METRICS_MAX_AGE)
@@ -96,7 +121,7 @@ class AuthMiddleware:
             version = self.state.admit(tenant.id)
         except Refused as exc:
             return await self._refuse(send, exc)
-        reset = current_request.set(MaskRequest(tenant.id, version))
+        reset = current_request.set(MaskRequest(tenant.id, version, self.state.unions[tenant.id].digest))
         try:
             await self.app(scope, receive, send)
         finally:

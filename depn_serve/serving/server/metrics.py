@@ -53,20 +53,41 @@ class DepnMetrics:
         self.tenants_file_ok = Gauge(
             "depn_tenants_file_ok", "0 while a changed tenants file cannot be applied (tenant requests get 503)",
             registry=registry)
+        self.store_generation = Gauge(
+            "depn_store_generation", "The mask store generation this server applied (equal across a converged fleet)",
+            registry=registry)
+        self.behind = Gauge(
+            "depn_tenants_behind_store", "Tenants served with their previous masks: the store's could not be applied",
+            registry=registry)
+        for outcome in ("accepted", "rejected", "failed"):  # at 0 from the start, so rates and alerts see the first
+            self.pushes.labels(outcome)
         self.worker_status: dict = {}
         self._waiting: dict[object, float] = {}  # requests in flight without a first token -> when they came
+        self._tenant_of: dict[object, str] = {}  # requests in flight -> their tenant
         self.longest_wait = 0.0  # the longest any request waited for its first token, since start
         registry.register(_WorkerCollector(self))
         registry.register(_WaitCollector(self))
 
-    def waiting(self, request: object) -> None:
+    def waiting(self, request: object, tenant: str | None = None) -> None:
         self._waiting[request] = time.monotonic()
+        if tenant is not None:
+            self._tenant_of[request] = tenant
 
     def started(self, request: object, first_token: bool = True) -> None:
         """The request's first token came (or, with `first_token=False`, it ended without one)."""
         since = self._waiting.pop(request, None)
         if since is not None and first_token:
             self.longest_wait = max(self.longest_wait, time.monotonic() - since)
+
+    def finished(self, request: object) -> None:
+        self.started(request, first_token=False)
+        self._tenant_of.pop(request, None)
+
+    def tenants_in_flight(self) -> tuple[set[str], set[str]]:
+        """(tenants with requests generating, tenants with requests waiting for their first token)."""
+        waiting = {self._tenant_of[r] for r in self._waiting if r in self._tenant_of}
+        running = {t for r, t in self._tenant_of.items() if r not in self._waiting}
+        return running, waiting
 
     def current_wait(self) -> float:
         now = time.monotonic()
@@ -103,6 +124,15 @@ class _WorkerCollector:
             ("untagged", "Steps in which a request without a tenant reached the model (deny row; should stay 0)"),
         ):
             yield CounterMetricFamily(f"depn_mask_slot_{name}", doc, value=status[name])
+        # For routers, in the form of vLLM's `vllm:lora_requests_info`: which tenants' masks this replica holds and
+        # serves now, so a router can prefer the replica that already holds a tenant's mask.
+        running, waiting = self.metrics.tenants_in_flight()
+        info = GaugeMetricFamily(
+            "depn_mask_requests_info", "Tenants whose masks are resident, running and waiting (value: time of scrape)",
+            labels=["resident_tenants", "running_tenants", "waiting_tenants", "max_mask_slots"])
+        info.add_metric([",".join(sorted(status["resident"])), ",".join(sorted(running)), ",".join(sorted(waiting)),
+                         str(status["slots"])], time.time())
+        yield info
 
 
 class _WaitCollector:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from pathlib import Path
 
 from depn_serve.core.arch import SERVABLE_MODEL_TYPES, mlp_shape, read_config
@@ -67,4 +68,7 @@ def serve(
             "depn-serve: --allow-unverified: masks without a passing verification certificate will be served")
     state.prepare()  # a mask that fails its checks quarantines its tenant; the others serve
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "depn-serve" / "vllm"))
+    # A store write past a file-size limit (`ulimit -f`, systemd's LimitFSIZE) then fails with EFBIG and the push
+    # is refused with 507, like on a full disk, instead of SIGXFSZ killing the server.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     hooks.run(args, state)

@@ -8,6 +8,10 @@ workers get the old union back and the store is untouched, so a rejected or fail
 in place and a crash never activates a change that was not acknowledged. A stored mask that fails its checks at
 start-up (changed on disk, for another model, no passing certificate) quarantines only its tenant: refused with
 503, counted, and explained in the log and in `depn masks list`.
+
+A fleet shares one store: `sync_store` (every second) applies what other servers or `depn masks push --store`
+committed. A stored mask this server cannot apply leaves the tenant on its previous mask (or refused, if it had
+none), reported in `/health`, `depn masks list` and `depn_tenants_behind_store`, and is retried.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,13 +33,15 @@ import torch
 
 from depn_serve.artifacts.mask import MaskError, NeuronMask, pack_bits
 from depn_serve.core.arch import MlpShape
+from depn_serve.core.fileio import file_stamp
 from depn_serve.core.fingerprint import ModelFingerprint
 from depn_serve.serving.server.api import DropResult, ListedMask, MaskListing, PushResult, TenantListing
 from depn_serve.serving.server.metrics import DepnMetrics
-from depn_serve.serving.server.store import MaskStore, StoreError, check_id
+from depn_serve.serving.server.store import MaskStore, StoreError, parse_pushed
 from depn_serve.serving.server.tenants import Tenant, TenantsConfig
 
 logger = logging.getLogger("depn_serve.serving")
+STORE_POLL_S = 1.0  # how often a server looks for changes other processes made to the mask store
 
 Rpc = Callable[[str, tuple], Awaitable[list]]
 T = TypeVar("T")
@@ -58,6 +65,15 @@ class MaskUnion:
     off: torch.Tensor | None  # union of the masks; None = no mask
     missing: tuple[str, ...] = ()  # listed but not pushed yet: the tenant is refused until they are
     problem: str | None = None  # a stored mask failed its checks: the tenant is quarantined (refused) until fixed
+    source: tuple[tuple[str, str], ...] = ()  # (mask id, SHA-256 of its file) of each stored mask in the union
+
+    @cached_property
+    def digest(self) -> str:
+        """The hash of the bits the tenant's requests run with (computed once per union): the prefix-cache salt, the
+        same for the same mask in every process and replica."""
+        if not self.masked:
+            return "unmasked"
+        return hashlib.sha256(pack_bits(self.off).tobytes()).hexdigest()[:32]
 
     @property
     def neurons(self) -> int:
@@ -87,7 +103,7 @@ class ServingState:
         self._admin_digest = hashlib.sha256(admin_token.encode()).digest()
         self.metrics = metrics
         self.allow_unverified = allow_unverified
-        self._tenants_stamp = _stamp(self.tenants_path)
+        self._tenants_stamp = file_stamp(self.tenants_path)
         self._index = TenantsConfig.load(self.tenants_path).index()
         self._tenants_problem: str | None = None  # the file changed and could not be applied: requests are refused
         self._reloading = False
@@ -100,6 +116,9 @@ class ServingState:
         self._planned: dict[str, MaskUnion] = {}
         self._status_lock = asyncio.Lock()
         self._status_at: float | None = None  # monotonic time of the last worker status
+        self.behind: dict[str, str] = {}  # tenant -> why its stored masks could not be applied (it keeps the old)
+        self.applied_generation = 0  # the store generation this server serves (see `sync_store`)
+        self._follower: asyncio.Task | None = None
 
     @property
     def tenants(self) -> TenantsConfig:
@@ -123,7 +142,7 @@ class ServingState:
             logger.error("depn-serve: tenant %r is quarantined (refused until its masks are fixed): %s", tenant.id,
                          exc.message)
             self._version += 1
-            return MaskUnion(self._version, tuple(ids), None, problem=exc.message)
+            return MaskUnion(self._version, tuple(ids), None, problem=exc.message, source=self._source(tenant.id, ids))
 
     async def start(self, rpc: Rpc) -> None:
         """Bind every tenant's masks in the workers (one engine call for all), before the server reports healthy."""
@@ -133,6 +152,8 @@ class ServingState:
         await self._rpc("depn_bind_many", (binds,))
         for tenant_id, union in unions.items():
             self._commit(tenant_id, union)
+        self._applied(self.store.index.generation)
+        self._follower = asyncio.create_task(self._follow_store())
         logger.info("depn-serve: %d tenants bound, %d masks in the store", len(self.unions),
                     sum(len(m) for m in self.store.index.masks.values()))
 
@@ -175,8 +196,9 @@ class ServingState:
             async with self._lock:
                 ids = self.mask_ids(tenant)
                 ids = ids if mask_id in ids else [*ids, mask_id]
-                entry = await self._change(tenant, self._union(tenant.id, ids, {mask_id: mask}),
-                                           lambda: self.store.put(tenant.id, mask_id, data, mask, ids))
+                union = self._union(tenant.id, ids, {mask_id: (mask, hashlib.sha256(data).hexdigest())})
+                entry = await self._change(tenant, union,
+                                           lambda: self.store.put(tenant.id, mask_id, data, mask, tenant.masks))
         except Refused as exc:
             self.metrics.pushes.labels("rejected" if exc.status < 500 else "failed").inc()
             raise
@@ -193,7 +215,7 @@ class ServingState:
                 raise Refused(404, f"tenant {tenant.id!r} does not use mask {mask_id!r} (it uses {ids})")
             rest = [i for i in ids if i != mask_id]
             await self._change(tenant, self._union(tenant.id, rest),
-                               lambda: self.store.remove(tenant.id, mask_id, rest))
+                               lambda: self.store.remove(tenant.id, mask_id, tenant.masks))
         try:
             self.admit(tenant.id)
             servable = True
@@ -217,8 +239,10 @@ class ServingState:
                 masked_neurons=union.neurons if union else 0, allow_unmasked=tenant.allow_unmasked,
                 missing=list(union.missing) if union else [], problem=union.problem if union else None,
                 resident=resident.get(tenant.id) == (union.version if union else None),
+                behind=self.behind.get(tenant.id),
             ))
-        return MaskListing(tenants=tenants, slots=status.get("slots"), resident=len(resident))
+        return MaskListing(tenants=tenants, slots=status.get("slots"), resident=len(resident),
+                           store_generation=self.applied_generation)
 
     async def worker_status(self, max_age: float = 0.0) -> dict:
         """The workers' slot status, reused if fetched less than `max_age` seconds ago: concurrent callers share one
@@ -234,12 +258,8 @@ class ServingState:
         """The pushed mask, checked against the id rules, the model and the gate; what to tell the pusher."""
         source = f"pushed mask {mask_id!r}"
         try:
-            check_id("mask id", mask_id)
-            mask = NeuronMask.from_bytes(data, source=source)
+            mask = parse_pushed(mask_id, data)
             mask.check_model(self.fingerprint, self.shape, source=source)
-            if mask.manifest.neuron_count == 0:
-                raise MaskError(source, "neuron_count", "at least one neuron switched off (a tenant that may run with "
-                                "nothing masked is one with allow_unmasked)", "0")
             return mask, self.gate(mask, source)
         except (MaskError, StoreError) as exc:
             raise Refused(400, str(exc)) from None
@@ -256,6 +276,63 @@ class ServingState:
                             "with --allow-unverified)", found)
         logger.warning("depn-serve: %s has %s; served anyway (--allow-unverified)", source, found)
         return f"UNVERIFIED ({found}); served because of --allow-unverified"
+
+    # --- a fleet: other processes change the store -------------------------------------------------------------
+    async def _follow_store(self) -> None:
+        while True:
+            await asyncio.sleep(STORE_POLL_S)
+            try:
+                await self.sync_store()
+            except Exception:  # the follower must outlive any one failure: it is retried on the next tick
+                logger.exception("depn-serve: applying the mask store's changes failed; retrying")
+
+    async def sync_store(self) -> None:
+        """Bind every tenant whose stored masks differ from what it is served with (changed by another server or by
+        `depn masks push --store`). A tenant whose masks cannot be applied keeps its previous mask (or stays
+        refused if it had none) and is retried on the next call."""
+        changed = await asyncio.to_thread(self.store.refresh)
+        if not changed and not self.behind and self.applied_generation == self.store.index.generation:
+            return
+        async with self._lock:
+            generation = self.store.index.generation
+            for tenant in self.tenants.tenants:
+                ids, current = self.mask_ids(tenant), self.unions.get(tenant.id)
+                if tenant.id not in self.behind and current is not None and list(current.mask_ids) == ids \
+                        and current.source == self._source(tenant.id, ids):
+                    continue
+                try:
+                    union = await asyncio.to_thread(self._union, tenant.id, ids)
+                    await self._bind(tenant, union)
+                except Exception as exc:
+                    self._fall_behind(tenant.id, current, exc.message if isinstance(exc, Refused) else str(exc))
+                    continue
+                if self.behind.pop(tenant.id, None) is not None:
+                    logger.info("depn-serve: tenant %r caught up with the mask store", tenant.id)
+                self._commit(tenant.id, union)
+            self._applied(generation)
+
+    def _applied(self, generation: int) -> None:
+        self.applied_generation = generation
+        self.metrics.store_generation.set(generation)
+        self.metrics.behind.set(len(self.behind))
+
+    def _fall_behind(self, tenant_id: str, current: MaskUnion | None, reason: str) -> None:
+        """The tenant's stored masks cannot be applied: it keeps what it has, or is refused if it has nothing."""
+        if self.behind.get(tenant_id) != reason:
+            logger.error("depn-serve: tenant %r keeps its previous mask (retrying): the mask store's cannot be "
+                         "applied: %s", tenant_id, reason)
+        self.behind[tenant_id] = reason
+        if current is None:
+            self._version += 1
+            self._commit(tenant_id, MaskUnion(self._version, (), None, problem=reason))
+
+    def health_detail(self) -> dict | None:
+        """What `/health` says besides 200 when some tenants are not served as the store says (the others are)."""
+        quarantined = {t: u.problem for t, u in self.unions.items() if u.problem and t not in self.behind}
+        if not self.behind and not quarantined:
+            return None
+        return {"status": "degraded", "store_generation": self.applied_generation,
+                "tenants_behind_store": dict(self.behind), "tenants_quarantined": quarantined}
 
     # --- internals -----------------------------------------------------------------------------------------------
     def mask_ids(self, tenant: Tenant) -> list[str]:
@@ -274,7 +351,7 @@ class ServingState:
         """Apply the tenants file if it changed since it was last read: parsed once per change, applied entirely
         (keys, tenants, `allow_unmasked`, `masks`) or not at all. A file that cannot be applied refuses every tenant
         request (503) until it is fixed, so a revocation saved with a typo never leaves the revoked key working."""
-        if _stamp(self.tenants_path) == self._tenants_stamp or self._reloading:
+        if file_stamp(self.tenants_path) == self._tenants_stamp or self._reloading:
             return  # requests arriving during a reload go on with the tenants in force until it is applied
         self._reloading = True
         try:
@@ -284,7 +361,7 @@ class ServingState:
 
     async def _reload_tenants(self) -> None:
         async with self._lock:
-            stamp = _stamp(self.tenants_path)
+            stamp = file_stamp(self.tenants_path)
             if stamp == self._tenants_stamp:
                 return
             self._tenants_stamp = stamp
@@ -344,18 +421,29 @@ class ServingState:
         for tenant_id, (_, union) in plans.items():
             self._commit(tenant_id, union)
 
-    def _union(self, tenant_id: str, mask_ids: list[str], pushed: dict[str, NeuronMask] | None = None) -> MaskUnion:
-        """The union of the tenant's masks, each loaded from the store and checked (or the one being pushed)."""
+    def _union(self, tenant_id: str, mask_ids: list[str],
+               pushed: dict[str, tuple[NeuronMask, str]] | None = None) -> MaskUnion:
+        """The union of the tenant's masks, each loaded from the store and checked (or the one being pushed, with
+        its SHA-256)."""
         pushed = pushed or {}
         off = None
         missing = tuple(i for i in mask_ids if i not in pushed and self.store.index.entry(tenant_id, i) is None)
+        source = dict(self._source(tenant_id, mask_ids))
         for mask_id in mask_ids:
             if mask_id in missing:
                 continue
-            mask = pushed[mask_id] if mask_id in pushed else self._stored(tenant_id, mask_id)
+            if mask_id in pushed:
+                mask, source[mask_id] = pushed[mask_id]
+            else:
+                mask = self._stored(tenant_id, mask_id)
             off = mask.off.clone() if off is None else off | mask.off
         self._version += 1
-        return MaskUnion(self._version, tuple(mask_ids), off, missing)
+        return MaskUnion(self._version, tuple(mask_ids), off, missing, source=tuple(source.items()))
+
+    def _source(self, tenant_id: str, mask_ids: list[str]) -> tuple[tuple[str, str], ...]:
+        """What the store holds for these masks of the tenant: (mask id, SHA-256) of each stored one."""
+        entries = ((i, self.store.index.entry(tenant_id, i)) for i in mask_ids)
+        return tuple((i, e.sha256) for i, e in entries if e is not None)
 
     @staticmethod
     def _binding(tenant: Tenant, union: MaskUnion) -> tuple[str, int, bytes | None] | None:
@@ -394,7 +482,7 @@ class ServingState:
         try:
             await self._bind(tenant, union)
             with _store_errors():
-                written = write()
+                written = await asyncio.to_thread(write)  # fsyncs: off the event loop, which serves tokens
         except Exception as exc:
             if tenant.id in self.unions:
                 try:  # a worker that failed the new bind may still hold the old mask, the others must get it back
@@ -405,16 +493,9 @@ class ServingState:
                 raise
             raise Refused(500, f"the workers did not accept the mask ({exc}); nothing changed") from exc
         self._commit(tenant.id, union)
+        if self.store.index.generation == self.applied_generation + 1:  # no other process changed the store since
+            self._applied(self.store.index.generation)
         return written
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    """What tells a changed file apart cheaply (an atomic save is a new inode); None if it cannot be read."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 @contextmanager
@@ -423,5 +504,5 @@ def _store_errors():
     try:
         yield
     except OSError as exc:
-        status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+        status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else 500
         raise Refused(status, f"the mask store could not be written ({exc.strerror or exc}); nothing changed") from None

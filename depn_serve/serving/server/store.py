@@ -5,6 +5,10 @@ Layout: `<tenant>/<mask_id>.v<version>.safetensors` (the pushed file, byte for b
 neuron count, and the tenants whose mask list was changed at run time (`tenant_masks`, which then replaces that
 tenant's `masks` from the tenants file).
 
+Several processes may share a store (the servers of a fleet on one volume, `depn masks push --store`): every change
+takes the store's lock (`flock` on `.lock`), re-reads the index under it and bumps its `generation`, so no change
+overwrites another's; servers notice a changed index by its stamp and apply it (`ServingState.sync_store`).
+
 Crash consistency: a mask file is never rewritten in place. A change writes the new version's file (atomically),
 then the index (atomically: the commit point, which the server reaches only once the workers took the change),
 then deletes the files the index no longer names. A crash at any point leaves the old index with its files, or the
@@ -14,21 +18,25 @@ checks each file against the index's SHA-256.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from depn_serve.artifacts.mask import NeuronMask
+from depn_serve.artifacts.mask import MaskError, NeuronMask
 from depn_serve.core.errors import DepnError, one_line
-from depn_serve.core.fileio import atomic_write_bytes, atomic_write_text
+from depn_serve.core.fileio import atomic_write_bytes, atomic_write_text, file_stamp
 from depn_serve.serving.server.tenants import ID_PATTERN
 
 INDEX_NAME = "index.json"
+LOCK_NAME = ".lock"
 FORMAT_VERSION = 2
 SUFFIX = ".safetensors"
 
@@ -51,6 +59,18 @@ def check_id(kind: str, value: str) -> str:
     return value
 
 
+def parse_pushed(mask_id: str, data: bytes) -> NeuronMask:
+    """A pushed mask, checked for what holds whatever the model: its id, its file, at least one neuron switched off
+    (a tenant that may run with nothing masked is one with `allow_unmasked`)."""
+    source = f"pushed mask {mask_id!r}"
+    check_id("mask id", mask_id)
+    mask = NeuronMask.from_bytes(data, source=source)
+    if mask.manifest.neuron_count == 0:
+        raise MaskError(source, "neuron_count", "at least one neuron switched off (a tenant that may run with nothing "
+                        "masked is one with allow_unmasked)", "0")
+    return mask
+
+
 class StoredMask(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -66,6 +86,8 @@ class StoreIndex(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format_version: int = Field(FORMAT_VERSION, ge=FORMAT_VERSION, le=FORMAT_VERSION)
+    generation: int = Field(0, ge=0, description="bumped by every change: servers that applied the same generation "
+                            "serve the same masks")
     masks: dict[str, dict[str, StoredMask]] = Field(default_factory=dict, description="tenant -> mask id -> mask")
     tenant_masks: dict[str, list[str]] = Field(
         default_factory=dict, description="tenant -> mask ids, for tenants changed by push/drop")
@@ -90,13 +112,33 @@ class MaskStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.legacy: LegacyIndex | None = None
-        self.index = self._read_index()
-        if self.legacy is None:
-            self._sweep()
+        with self._locked():  # no other process is half-way through a change while this one sweeps
+            if self.legacy is None:
+                self._sweep()
+
+    def refresh(self) -> bool:
+        """Re-read the index if another process changed it since this one last read or wrote it; whether it did."""
+        if file_stamp(self.root / INDEX_NAME) == self._stamp:
+            return False
+        with self._locked():
+            return True
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the store's lock, with the index as it is on disk now (another process may have changed it)."""
+        with open(self.root / LOCK_NAME, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._stamp = file_stamp(self.root / INDEX_NAME)
+                self.index = self._read_index()
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     # --- reading -------------------------------------------------------------------------------------------------
     def _read_index(self) -> StoreIndex:
         path = self.root / INDEX_NAME
+        self.legacy = None
         if not path.exists():
             return StoreIndex()
         try:
@@ -131,73 +173,81 @@ class MaskStore:
         return NeuronMask.from_bytes(data, source=str(path))
 
     # --- changing (each is one index commit) ---------------------------------------------------------------------
-    def put(self, tenant: str, mask_id: str, data: bytes, mask: NeuronMask, masks: list[str]) -> StoredMask:
-        """Store a validated mask's bytes as the next version of the tenant's `mask_id`, with the tenant's mask list
-        becoming `masks`; returns its entry. If this raises, nothing changed."""
-        previous = self.index.entry(tenant, mask_id)
-        entry = StoredMask(
-            version=(previous.version + 1) if previous else 1,
-            sha256=hashlib.sha256(data).hexdigest(),
-            neurons=mask.manifest.neuron_count,
-            built_for=mask.manifest.tenant,
-            verification=verdict(mask),
-            pushed_at=datetime.now(timezone.utc),
-        )
-        path = self.file(tenant, mask_id, entry.version)
-        atomic_write_bytes(path, data)
-        index = self.index.model_copy(deep=True)
-        index.masks.setdefault(tenant, {})[mask_id] = entry
-        index.tenant_masks[tenant] = list(masks)
-        try:
-            self._commit(index)
-        except BaseException:
-            _remove(path)  # the index never named it
-            raise
-        return entry
+    def put(self, tenant: str, mask_id: str, data: bytes, mask: NeuronMask, file_masks: list[str]) -> StoredMask:
+        """Store a validated mask's bytes as the next version of the tenant's `mask_id`, which joins the tenant's mask
+        list (its run-time list, else `file_masks` from the tenants file); returns its entry. If this raises, nothing
+        changed."""
+        with self._locked():
+            previous = self.index.entry(tenant, mask_id)
+            entry = StoredMask(
+                version=(previous.version + 1) if previous else 1,
+                sha256=hashlib.sha256(data).hexdigest(),
+                neurons=mask.manifest.neuron_count,
+                built_for=mask.manifest.tenant,
+                verification=verdict(mask),
+                pushed_at=datetime.now(timezone.utc),
+            )
+            path = self.file(tenant, mask_id, entry.version)
+            atomic_write_bytes(path, data)
+            index = self.index.model_copy(deep=True)
+            index.masks.setdefault(tenant, {})[mask_id] = entry
+            masks = index.tenant_masks.get(tenant, file_masks)
+            index.tenant_masks[tenant] = masks if mask_id in masks else [*masks, mask_id]
+            try:
+                self._commit(index)
+            except BaseException:
+                _remove(path)  # the index never named it
+                raise
+            return entry
 
-    def remove(self, tenant: str, mask_id: str, masks: list[str]) -> None:
-        """Forget the tenant's `mask_id`, its mask list becoming `masks`. If this raises, nothing changed."""
-        index = self.index.model_copy(deep=True)
-        index.masks.get(tenant, {}).pop(mask_id, None)
-        index.tenant_masks[tenant] = list(masks)
-        self._commit(index)
+    def remove(self, tenant: str, mask_id: str, file_masks: list[str]) -> None:
+        """Forget the tenant's `mask_id`, which leaves its mask list (its run-time list, else `file_masks`). If this
+        raises, nothing changed."""
+        with self._locked():
+            index = self.index.model_copy(deep=True)
+            index.masks.get(tenant, {}).pop(mask_id, None)
+            index.tenant_masks[tenant] = [i for i in index.tenant_masks.get(tenant, file_masks) if i != mask_id]
+            self._commit(index)
 
     def follow_file(self, tenants: list[str]) -> None:
         """These tenants' mask lists come from the tenants file again (it was edited after a push or drop)."""
-        index = self.index.model_copy(deep=True)
-        for tenant in tenants:
-            index.tenant_masks.pop(tenant, None)
-        self._commit(index)
+        with self._locked():
+            index = self.index.model_copy(deep=True)
+            for tenant in tenants:
+                index.tenant_masks.pop(tenant, None)
+            self._commit(index)
 
     def migrate(self, file_masks: dict[str, list[str]]) -> None:
         """Move a format-1 store to per-tenant ids: every tenant gets its own copy of each mask it uses (its list in
         the store, else `file_masks`, from the tenants file); a mask nobody uses goes to the tenant it was built for.
         Copies first, then the index, then the old files: a crash leaves one format or the other whole."""
-        legacy = self.legacy
-        if legacy is None:
-            return
-        uses = {**file_masks, **legacy.tenant_masks}
-        index = StoreIndex(tenant_masks={t: list(ids) for t, ids in legacy.tenant_masks.items()})
-        for mask_id, entry in legacy.masks.items():
-            try:
-                data = (self.root / f"{mask_id}{SUFFIX}").read_bytes()
-            except OSError as exc:
-                logger.error("depn-serve: mask %r of the old store is unreadable (%s); its tenants are refused until "
-                             "it is pushed again", mask_id, exc)
-                continue
-            for tenant in [t for t, ids in uses.items() if mask_id in ids] or [entry.built_for]:
-                atomic_write_bytes(self.file(tenant, mask_id, entry.version), data)
-                index.masks.setdefault(tenant, {})[mask_id] = entry
-        self.legacy = None
-        self._commit(index)
-        self._sweep()  # the format-1 files
-        logger.info("depn-serve: mask store %s moved to per-tenant mask ids (format %d)", self.root, FORMAT_VERSION)
+        with self._locked():
+            legacy = self.legacy
+            if legacy is None:
+                return
+            uses = {**file_masks, **legacy.tenant_masks}
+            index = StoreIndex(tenant_masks={t: list(ids) for t, ids in legacy.tenant_masks.items()})
+            for mask_id, entry in legacy.masks.items():
+                try:
+                    data = (self.root / f"{mask_id}{SUFFIX}").read_bytes()
+                except OSError as exc:
+                    logger.error("depn-serve: mask %r of the old store is unreadable (%s); its tenants are refused "
+                                 "until it is pushed again", mask_id, exc)
+                    continue
+                for tenant in [t for t, ids in uses.items() if mask_id in ids] or [entry.built_for]:
+                    atomic_write_bytes(self.file(tenant, mask_id, entry.version), data)
+                    index.masks.setdefault(tenant, {})[mask_id] = entry
+            self.legacy = None
+            self._commit(index)
+            self._sweep()  # the format-1 files
+            logger.info("depn-serve: mask store %s moved to per-tenant mask ids (format %d)", self.root, FORMAT_VERSION)
 
     def _commit(self, index: StoreIndex) -> None:
         """Write `index` (the commit point), adopt it, then delete the files only the old index named."""
         if self.legacy is not None:  # writing now would drop the format-1 masks from the index
             raise StoreError(f"{self.root}: a store written by 0.1; `depn serve` moves it to this format first")
         before = self._named()
+        index.generation = self.index.generation + 1
         path, text = self.root / INDEX_NAME, index.model_dump_json(indent=2)
         try:
             atomic_write_text(path, text)
@@ -209,7 +259,7 @@ class MaskStore:
             if not committed:
                 raise
             logger.warning("depn-serve: %s was replaced but not synced (%s)", path, exc)
-        self.index = index
+        self.index, self._stamp = index, file_stamp(path)
         for path in before - self._named():
             _remove(path)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-import urllib.error
+import time
 import urllib.request
 
 import pytest
@@ -24,6 +24,7 @@ from depn_serve.core.records import load_records
 from depn_serve.serving.process import ServerProcess
 from depn_serve.editing import masked
 from depn_serve.serving.server.tenants import TenantsConfig
+from tests.helpers import http_status
 
 pytestmark = pytest.mark.slow
 
@@ -84,27 +85,16 @@ def _cli(setup, *args: str):
                                     "--admin-token-file", str(setup["work"] / "admin.token")])
 
 
-def _status(url: str, key: str | None, path: str = "/v1/models", method: str = "GET") -> int:
-    request = urllib.request.Request(url + path, method=method)
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as r:
-            return r.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
 def test_auth_is_default_deny(setup):
     url, keys = setup["server"].url, setup["keys"]
-    assert _status(url, None) == 401
-    assert _status(url, "depn_not-a-real-key") == 401
-    assert _status(url, keys["initech"]) == 403  # no mask and not allowed to run unmasked
-    assert _status(url, keys[setup["target"]]) == 403  # its mask is not pushed yet
-    assert _status(url, keys[TENANT_B]) == 200
-    assert _status(url, keys[TENANT_B], "/depn/v1/masks") == 403  # tenant key on an admin route
-    assert _status(url, None, "/depn/v1/masks") == 401
-    assert _status(url, None, "/health") == 200
+    assert http_status(url, None) == 401
+    assert http_status(url, "depn_not-a-real-key") == 401
+    assert http_status(url, keys["initech"]) == 403  # no mask and not allowed to run unmasked
+    assert http_status(url, keys[setup["target"]]) == 403  # its mask is not pushed yet
+    assert http_status(url, keys[TENANT_B]) == 200
+    assert http_status(url, keys[TENANT_B], "/depn/v1/masks") == 403  # tenant key on an admin route
+    assert http_status(url, None, "/depn/v1/masks") == 401
+    assert http_status(url, None, "/health") == 200
 
 
 def test_push_masks_target_tenant_only(setup, reference, ci_testbed):
@@ -162,9 +152,9 @@ def test_tenant_keys_do_not_reach_operator_routes(setup):
     admin = (setup["work"] / "admin.token").read_text()
     for method, path in (("POST", "/collective_rpc"), ("POST", "/reset_prefix_cache"), ("POST", "/sleep"),
                          ("POST", "/scale_elastic_ep"), ("POST", "/v1/responses"), ("GET", "/v1/responses/x")):
-        assert _status(url, keys[TENANT_B], path, method) == 403, path
-        assert _status(url, admin, path, method) not in (401, 403), path
-    assert _status(url, keys[TENANT_B], "/tokenize", "POST") == 400  # an inference route: reached, empty body
+        assert http_status(url, keys[TENANT_B], path, method) == 403, path
+        assert http_status(url, admin, path, method) not in (401, 403), path
+    assert http_status(url, keys[TENANT_B], "/tokenize", "POST") == 400  # an inference route: reached, empty body
 
 
 def test_requests_that_fan_out_run_under_the_mask(setup, reference):
@@ -219,6 +209,7 @@ def test_bad_push_is_refused_and_hot_push_takes_effect(setup, reference, ci_test
     off = NeuronMask.load(setup["mask"]).off
     prompt = _changed_prompt(setup, reference, off)
     a = _client(setup, target)
+    logged = _unverified_lines(setup)
 
     not_a_mask = tmp_path / "not-a-mask.safetensors"
     not_a_mask.write_bytes(b"garbage")
@@ -241,6 +232,13 @@ def test_bad_push_is_refused_and_hot_push_takes_effect(setup, reference, ci_test
     assert _complete(a, prompt) == _hf_text(reference, prompt, off)
     listing = _cli(setup, "list", "--json")
     assert re.search(rf'"id": "{target}-main",\s*"version": 3', listing.output), listing.output
+    # The server logged both unverified pushes (lines written while serving reach the log, not only start-up's).
+    assert _unverified_lines(setup) == logged + 2
+
+
+def _unverified_lines(setup) -> int:
+    log = (setup["work"] / "server.log").read_text(errors="replace")
+    return log.count(f"pushed mask '{setup['target']}-main' has no certificate; served anyway")
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -268,6 +266,12 @@ def test_metrics_show_the_counts(setup):
     assert _metric(text, "depn_mask_slots_resident") >= 1
     assert _metric(text, "depn_mask_slot_loads_total") >= 1
     assert _metric(text, "depn_unverified_masks_in_use") == 1
+    assert _metric(text, "depn_store_generation") == 3 and _metric(text, "depn_tenants_behind_store") == 0
+    info = re.search(r'^depn_mask_requests_info\{(.*)\} (\S+)$', text, re.M)
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', info.group(1)))
+    assert target in labels["resident_tenants"].split(",") and labels["max_mask_slots"] == "4"
+    assert labels["running_tenants"] == labels["waiting_tenants"] == ""  # nothing in flight between tests
+    assert abs(float(info.group(2)) - time.time()) < 60
 
 
 def test_drop_refuses_the_tenant_and_restart_restores_masks(setup, reference):
@@ -276,7 +280,7 @@ def test_drop_refuses_the_tenant_and_restart_restores_masks(setup, reference):
     prompt = _changed_prompt(setup, reference, off)
     result = _cli(setup, "drop", "--tenant", target, "--id", f"{target}-main")
     assert result.exit_code == 0 and "403" in result.output, result.output
-    assert _status(server.url, setup["keys"][target]) == 403
+    assert http_status(server.url, setup["keys"][target]) == 403
     assert _cli(setup, "push", "--tenant", target, "--mask", str(setup["mask"]), "--id", f"{target}-main").exit_code == 0
 
     server.stop()

@@ -2,6 +2,7 @@
 That vLLM's real routes sit behind it is checked against a running server in test_api."""
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -79,3 +80,12 @@ def test_metrics_scrapes_are_open_and_share_the_workers_status(call):
     for _ in range(20):
         assert request("GET", "/metrics")[0] == 200
     assert workers.status_calls == 1
+
+
+def test_health_names_the_tenants_not_served_as_the_store_says(call):
+    request, _, state, _ = call
+    assert request("GET", "/health")[:2] == (200, "ok")  # all is well: the engine's own answer, untouched
+    state.behind["acme"] = "pushed mask 'acme-main' has no certificate"
+    status, text, _ = request("GET", "/health")
+    assert status == 200 and json.loads(text)["tenants_behind_store"] == state.behind
+    assert json.loads(text)["status"] == "degraded"

@@ -55,8 +55,8 @@ def test_a_format_1_store_moves_to_per_tenant_ids(tmp_path, make_mask):
         assert store.load(tenant, mask_id).manifest.neuron_count == 1
     assert store.index.tenant_masks == {"acme": ["shared"]}
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
-        "acme", "acme/shared.v3.safetensors", "globex", "globex/shared.v3.safetensors", "index.json", "initech",
-        "initech/spare.v1.safetensors"]
+        ".lock", "acme", "acme/shared.v3.safetensors", "globex", "globex/shared.v3.safetensors", "index.json",
+        "initech", "initech/spare.v1.safetensors"]
     assert json.loads((tmp_path / INDEX_NAME).read_text())["format_version"] == 2
     assert MaskStore(tmp_path).index == store.index
 
@@ -106,7 +106,7 @@ def test_opening_sweeps_what_a_crash_left(tmp_path, make_mask):
     (tmp_path / "ghost").mkdir()
     MaskStore(tmp_path)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
-        "acme", "acme/m.v1.safetensors", "index.json"]
+        ".lock", "acme", "acme/m.v1.safetensors", "index.json"]
 
 
 def _state(root) -> tuple:
@@ -175,28 +175,33 @@ def test_kill_9_at_every_step_leaves_the_old_or_the_new_state(tmp_path, make_mas
     print(f"{change}: killed before each of {k - 1} file-system steps")
 
 
-def test_a_failed_write_leaves_the_old_state_whole(tmp_path, make_mask, monkeypatch):
-    """ENOSPC at each step of a push in turn: the push fails and nothing changed, or it went through whole."""
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+@pytest.mark.parametrize("change", ["push", "drop"])
+def test_a_failed_write_leaves_the_old_state_whole(tmp_path, make_mask, monkeypatch, code, change):
+    """A disk error (full, or I/O) at each file-system step of a push or drop in turn: the change fails and nothing
+    changed, in memory or on disk, or it went through whole."""
     (v1, m1), (v2, m2) = make_mask(1), make_mask(2)
 
-    def full():
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def fail():
+        raise OSError(code, os.strerror(code))
 
     for k in range(1, 100):
         root = tmp_path / f"k{k}"
         store = MaskStore(root)
         store.put("acme", "m", v1, m1, ["m"])
-        before = _state(root)
-        at_step(k, full, monkeypatch.setattr)
+        before, index_before = _state(root), store.index
+        at_step(k, fail, monkeypatch.setattr)
         try:
-            store.put("acme", "m", v2, m2, ["m"])
+            store.put("acme", "m", v2, m2, ["m"]) if change == "push" else store.remove("acme", "m", [])
             done = True
-        except OSError:
+        except OSError as exc:
+            assert exc.errno == code
             done = False
         finally:
             monkeypatch.undo()
         after = _state(root)
-        assert (after != before) == done and store.index.entry("acme", "m").version == (2 if done else 1), k
+        assert (after != before) == done and (store.index != index_before) == done, k
+        assert MaskStore(root).index == store.index, k  # memory and disk agree: a restart serves what this did
         if done:
             break
-    assert k > 3
+    assert k > 2

@@ -1,0 +1,64 @@
+"""Tensor parallelism, run for real: `depn serve --tensor-parallel-size 2` on CPU (two worker processes, each with
+half of every MLP's neurons and its own slice of each mask) answers each tenant as the HF model does with that
+tenant's neurons switched off. The shard slicing alone is unit-tested in tests/serving/test_slots.py."""
+
+import pytest
+import torch
+
+from depn_serve.artifacts.mask import MaskProvenance, NeuronMask
+from depn_serve.core.arch import load_model, mlp_shape, read_config
+from depn_serve.core.fingerprint import model_fingerprint
+from depn_serve.core.records import load_records
+from depn_serve.editing import masked
+from depn_serve.serving.client import AdminClient
+from depn_serve.serving.process import SMALL_CPU_OPTIONS, ServerProcess
+from depn_serve.serving.server.tenants import TenantsConfig
+
+pytestmark = pytest.mark.slow
+
+
+def test_tensor_parallel_2_serves_each_tenant_its_mask(ci_testbed, tmp_path, monkeypatch):
+    # One OpenMP thread per rank, on cores 0 and 1 (vLLM's automatic binding wants a NUMA node per rank).
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    model_dir = ci_testbed / "model"
+    shape, fp = mlp_shape(read_config(model_dir)), model_fingerprint(model_dir)
+    model, tokenizer = load_model(model_dir, "cpu", torch.float32)
+    prompts = [r.prompt for r in load_records(ci_testbed / "records.jsonl")][:6]
+
+    def greedy(off: torch.Tensor | None, prompt: str) -> str:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        with masked(model, off if off is not None else torch.zeros(shape.dims, dtype=torch.bool)):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                 pad_token_id=0)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    # Masks that reach into both halves of the MLP (rank 0 holds neurons [0, 512), rank 1 the rest).
+    offs = {}
+    for seed, tenant in enumerate(("acme", "globex"), start=1):
+        offs[tenant] = torch.rand(shape.dims, generator=torch.Generator().manual_seed(seed)) < 0.3
+        half = shape.intermediate_size // 2
+        assert offs[tenant][:, :half].any() and offs[tenant][:, half:].any()
+        NeuronMask.create(tenant, fp, shape, offs[tenant], MaskProvenance(method="random")).save(
+            tmp_path / f"{tenant}.safetensors")
+    expected = {t: [greedy(off, p) for p in prompts] for t, off in offs.items()}
+    unmasked = [greedy(None, p) for p in prompts]
+    assert expected["acme"] != expected["globex"] and expected["acme"] != unmasked  # the masks change answers
+
+    config = TenantsConfig()
+    keys = {t: config.add_tenant(t, ["main"]) for t in offs}
+    keys["public"] = config.add_tenant("public", [], allow_unmasked=True)
+    config.save(tmp_path / "tenants.yaml")
+    (tmp_path / "admin.token").write_text("admin-" + "p" * 32)
+    server = ServerProcess(model_dir, tmp_path / "tenants.yaml", tmp_path / "store", tmp_path / "admin.token",
+                           tmp_path / "server.log", allow_unverified=True,
+                           vllm_options=(*SMALL_CPU_OPTIONS, "--tensor-parallel-size", "2"))
+    try:
+        server.start(timeout=600)
+        admin = AdminClient(server.url, tmp_path / "admin.token")
+        for tenant in offs:
+            admin.push(tenant, "main", tmp_path / f"{tenant}.safetensors")
+        for tenant, answers in {**expected, "public": unmasked}.items():
+            assert [server.complete(keys[tenant], p, 8) for p in prompts] == answers, tenant
+    finally:
+        server.stop()
+    assert "tensor_parallel_size=2," in (tmp_path / "server.log").read_text(), "the server did not run with TP=2"
