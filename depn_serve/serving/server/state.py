@@ -319,8 +319,8 @@ class ServingState:
     def _fall_behind(self, tenant_id: str, current: MaskUnion | None, reason: str) -> None:
         """The tenant's stored masks cannot be applied: it keeps what it has, or is refused if it has nothing."""
         if self.behind.get(tenant_id) != reason:
-            logger.error("depn-serve: tenant %r keeps its previous mask (retrying): the mask store's cannot be "
-                         "applied: %s", tenant_id, reason)
+            logger.error("depn-serve: tenant %r keeps its previous mask (retrying every second): its masks in the "
+                         "store cannot be applied: %s", tenant_id, reason)
         self.behind[tenant_id] = reason
         if current is None:
             self._version += 1
