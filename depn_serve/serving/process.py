@@ -15,6 +15,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 SMALL_CPU_OPTIONS = ("--dtype", "float32", "--max-model-len", "256", "--gpu-memory-utilization", "0.3",
                      "--enforce-eager", "--disable-uvicorn-access-log")
 
@@ -63,8 +65,6 @@ class ServerProcess:
 
     def stop(self) -> None:
         """SIGTERM, then whatever of the server is left (an engine still starting ignores it) gets SIGKILL."""
-        import psutil  # vLLM's dependency
-
         if self.proc is None or self.proc.poll() is not None:
             return
         children = psutil.Process(self.proc.pid).children(recursive=True)
@@ -80,8 +80,6 @@ class ServerProcess:
 
     def kill(self) -> None:
         """SIGKILL to every process of the server at once, as a power cut or the OOM killer would."""
-        import psutil  # vLLM's dependency
-
         if self.proc is not None and self.proc.poll() is None:
             server = psutil.Process(self.proc.pid)
             for process in [*server.children(recursive=True), server]:  # the engine's processes too
