@@ -22,7 +22,7 @@ DIGEST_KEY = "depn_mask_sha256"
 @dataclass(frozen=True)
 class MaskRequest:
     """Run this request with `tenant`'s mask; `version` is the mask version the server admitted it under and
-`digest` the hash of that mask's bits (offline engines may leave both out)."""
+    `digest` the hash of that mask's bits (offline engines may leave both out)."""
 
     tenant: str
     version: Any = None
