@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from depn_serve.cli.options import existing_file, model_dir_option, out_file, setting, settings_from
+from depn_serve.cli.options import existing_file, model_dir_option, out_file, ray_option, setting, settings_from
 from depn_serve.core.console import console, progress
 from depn_serve.core.errors import DepnError
 from depn_serve.selection import DEFAULT_METHOD, METHODS
@@ -48,19 +48,22 @@ _OPTION_FOR = {"model": "--model", "tokenizer": "--model", "targets": "--records
 @existing_file("--valid", "valid_path", help="budgeted mode: validation text (blank-line separated)")
 @click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="budgeted mode: write the search report (JSON) here")
+@click.option("--device", default="cpu", show_default=True)
+@ray_option()
 @out_file()
 def aggregate(scores: Path, tenant: str, forget: tuple[str, ...], keep: tuple[str, ...], method_name: str,
               top_z: int | None, model_dir: Path | None,
               records_path: Path | None, keep_text_path: Path | None, target_exposure: float | None,
-              ppl_budget: float | None, valid_path: Path | None, report_path: Path | None, out: Path,
-              **method_options) -> None:
+              ppl_budget: float | None, valid_path: Path | None, report_path: Path | None, device: str,
+              ray_address: str | None, out: Path, **method_options) -> None:
     """Turn scores into a mask served to TENANT: by default it forgets the tenant's own records (DEPN); --forget and
     --keep choose any records. Fitted (default), top-z by votes, a baseline, or (budgeted) the fewest neurons of
     the method's order that stop the leaks within a perplexity budget."""
-    from depn_serve.core.records import read_texts
+    from depn_serve.core.cluster import runner
+    from depn_serve.core.records import load_records
     from depn_serve.core.selectors import MaskPolicy
-    from depn_serve.selection import inputs_from_files, select
-    from depn_serve.selection.budget import budgeted_selection
+    from depn_serve.selection.aggregation import Aggregation
+    from depn_serve.selection.aggregation import aggregate as run_aggregation
 
     method = METHODS[method_name]
     given = {"--model": model_dir, "--records": records_path, "--keep-text": keep_text_path}
@@ -74,19 +77,24 @@ def aggregate(scores: Path, tenant: str, forget: tuple[str, ...], keep: tuple[st
             raise DepnError("budgeted mode needs --target-exposure, --ppl-budget, --model, --records and --valid "
                             "(and no --top-z)")
         budget = BudgetSettings(target_exposure=target_exposure, ppl_budget=ppl_budget)
-
     policy = MaskPolicy(tenant=tenant, forget=forget or (f"tenant={tenant}",), keep=keep)
-    inputs = inputs_from_files(policy, scores, model_dir, records_path, keep_text_path)
-    with progress(f"selecting ({method.name})") as bar:
-        chosen = select(inputs, method.name, settings_from(method.settings, method_options), top_z, bar)
-    console.print(chosen.summary())
-    if budget is not None:
-        def show(point) -> None:
-            console.print(f"  {point.neurons:6d} neurons: perplexity {point.perplexity:.2f}"
-                          f"{'' if point.within_budget else ' (over budget)'}, {point.protected}/"
-                          f"{len(inputs.targets)} protected")
+    targets = len(policy.split(load_records(records_path), str(records_path))[0]) if budget else 0
 
-        chosen, report = budgeted_selection(inputs, chosen, read_texts(valid_path), budget, on_point=show)
+    def show(point) -> None:
+        console.print(f"  {point.neurons:6d} neurons: perplexity {point.perplexity:.2f}"
+                      f"{'' if point.within_budget else ' (over budget)'}, {point.protected}/{targets} protected")
+
+    job = Aggregation(policy, method.name, settings_from(method.settings, method_options), scores, model_dir,
+                      records_path, keep_text_path, valid_path, top_z, budget, device)
+    with runner(ray_address, device) as jobs, progress(f"selecting ({method.name})") as bar:
+        # on a cluster the job runs elsewhere: its progress and search points are shown when it is done
+        result = jobs.map(run_aggregation, [job])[0] if ray_address else run_aggregation(job, bar, show)
+    console.print(result.summary)
+    report = result.report
+    if report is not None:
+        if ray_address:
+            for point in report.points:
+                show(point)
         if report_path:
             from depn_serve.core.fileio import atomic_write_text
 
@@ -94,7 +102,7 @@ def aggregate(scores: Path, tenant: str, forget: tuple[str, ...], keep: tuple[st
         verdict = "all protected" if report.all_protected else f"still leaking: {', '.join(report.unprotected)}"
         console.print(f"{report.neurons} of {report.candidates} candidate neurons; perplexity {report.ppl_before:.2f}"
                       f" -> {report.ppl_after:.2f} ({report.ppl_change_pct:+.1f} %); {verdict}; {report.seconds:.0f} s")
-    mask = chosen.to_mask(inputs)
+    mask = result.mask
     mask.save(out)
     m = mask.manifest
     console.print(f"mask for tenant {tenant!r} ({m.provenance.method}): {m.neuron_count} neurons from "

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from depn_serve.artifacts.verification import Criteria
-from depn_serve.cli.options import existing_file, model_dir_option, setting, settings_from
+from depn_serve.cli.options import existing_file, model_dir_option, ray_option, setting, settings_from
 from depn_serve.core.console import console, progress
 from depn_serve.evaluation.attacks import AttackSettings
 from depn_serve.selection.fit import FitSettings
@@ -56,20 +56,23 @@ def _attack_settings(options: dict) -> tuple[AttackSettings, Criteria]:
 @setting(FitSettings, "context", "--fit-context/--no-fit-context")
 @attack_options
 @click.option("--device", default="cpu", show_default=True)
+@ray_option()
 def isolate(model_dir: Path, records_path: Path, keep_text_path: Path, valid_path: Path, out_dir: Path,
-            tenants: tuple[str, ...], design: str, device: str, **options) -> None:
+            tenants: tuple[str, ...], design: str, device: str, ray_address: str | None, **options) -> None:
     """One isolation mask per tenant: it forgets every other tenant's records and keeps the tenant's own. Each
     is attacked and certified (`depn verify`) before it is written."""
+    from depn_serve.core.cluster import runner
     from depn_serve.selection.isolation import isolate as run_isolation
     from depn_serve.selection.isolation import render_isolation
 
     fit = settings_from(FitSettings, options)
     attack, criteria = _attack_settings(options)
-    with progress("fitting") as bar:
+    with runner(ray_address, device) as jobs, progress("fitting") as bar:
         report = run_isolation(
             model_dir, records_path, keep_text_path, valid_path, out_dir, design, tenants, fit, attack, criteria,
             device, bar, on_tenant=lambda row: console.print(
-                f"{row.tenant}: {row.neurons} neurons, {'passed' if row.passed else 'FAILED'}", markup=False))
+                f"{row.tenant}: {row.neurons} neurons, {'passed' if row.passed else 'FAILED'}", markup=False),
+            runner=jobs)
     console.print(render_isolation(report, str(out_dir)))
     per_tenant = report.seconds / len(report.tenants)
     console.print(f"{report.seconds:.0f} s in all, {per_tenant:.0f} s per tenant, fits {report.fit_seconds:.0f} s "

@@ -34,3 +34,9 @@ def model_dir_option(**kwargs):
 
 def out_file(**kwargs):
     return click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), **kwargs)
+
+
+def ray_option():
+    return click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+                        help="run the jobs on a Ray cluster (ADDRESS as for ray.init, e.g. ray://head:10001; `local` "
+                             "starts one on this machine); every node must see the input paths. Same results.")

@@ -31,6 +31,8 @@ class DetectSettings(BaseModel):
     steps: int = Field(20, ge=1, description="integrated-gradient steps (m)")
     layers: list[int] | None = Field(None, description="layers to attribute (default: all)")
     batch_rows: int = Field(512, ge=1, description="rows (token x layer x step) per forward pass")
+    shard_records: int = Field(64, ge=1, description="records per shard: no batch spans two shards, so shards "
+                                                     "scored apart (on a cluster) give the very same scores")
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,8 @@ def detect(
     """Yield (record, float32 scores `[num_layers, intermediate_size]`) in record order.
 
     Layers outside `settings.layers` keep a zero score. Rows (token x layer x step) run in batches of about
-    `settings.batch_rows` (at least one token's rows); a record's result is yielded as soon as all its tokens are
-    done, so memory does not grow with the record count.
+    `settings.batch_rows` (at least one token's rows) that never cross a shard boundary (`settings.shard_records`);
+    a record's result is yielded as soon as all its tokens are done, so memory does not grow with the record count.
     """
     settings = settings or DetectSettings()
     steps = settings.steps
@@ -80,6 +82,9 @@ def detect(
     emitted = 0
     batch: list[_Group] = []
     for group in groups():
+        if batch and group.record % settings.shard_records == 0 and group.record != batch[-1].record:
+            _accumulate(model, batch, layer_list, steps, scores, groups_left)  # a shard starts: flush
+            batch = []
         batch.append(group)
         if len(batch) == groups_per_batch:
             _accumulate(model, batch, layer_list, steps, scores, groups_left)

@@ -1,7 +1,9 @@
 """Isolation end to end on the `ci` test-bed: `depn isolate` builds one certified mask per tenant, the HF matrix
 shows each tenant its own records and nobody else's, and `depn serve` gives the same answers through the API.
 
-The figures are printed (run with -s, or read the JSON written to $DEPN_RESULTS_DIR when set).
+The fit is CI-sized: 3 fit-then-attack rounds where `depn isolate` runs up to 6 (the README's figures come from
+the default, on three seeds). The figures are printed (run with -s, or read the JSON written to $DEPN_RESULTS_DIR
+when set).
 """
 
 import json
@@ -21,6 +23,7 @@ from depn_serve.evaluation.attacks import ModelOracle, beam_search
 from depn_serve.serving.process import ServerProcess
 from depn_serve.evaluation.matrix import PLAIN, MatrixSettings, isolation_matrix, matrix_from_masks, render_matrix
 from depn_serve.evaluation.remote import ApiOracle
+from depn_serve.selection.fit import FitSettings
 from depn_serve.selection.isolation import isolate, render_isolation
 from depn_serve.serving.client import AdminClient
 from depn_serve.serving.server.tenants import TenantsConfig
@@ -32,7 +35,7 @@ pytestmark = pytest.mark.slow
 def isolated(ci_testbed, tmp_path_factory):
     out = tmp_path_factory.mktemp("isolation")
     report = isolate(ci_testbed / "model", ci_testbed / "records.jsonl", ci_testbed / "train.txt",
-                     ci_testbed / "valid.txt", out)
+                     ci_testbed / "valid.txt", out, fit=FitSettings(rounds=3))
     matrix = matrix_from_masks(ci_testbed / "model", ci_testbed / "records.jsonl", out)
     console = Console(width=160)
     console.print(render_isolation(report, str(out)))
@@ -54,9 +57,9 @@ def test_no_tenant_gets_anyone_elses_records(isolated):
                 assert matrix.cell(requester, owner).greedy == 0, matrix.cell(requester, owner)
 
 
-@pytest.mark.xfail(strict=True, reason="target missed (README, 'Isolation'): on ci seed 0 the fit keeps 86 % and 73 % "
-                                       "of the tenants' own records, the target is 95 %; strict, so reaching it fails "
-                                       "here")
+@pytest.mark.xfail(strict=True, reason="target missed (README, 'Isolation'): on ci seed 0 the default fit keeps 86 % "
+                                       "and 73 % of the tenants' own records (this CI-sized one 50 % and 73 %), the "
+                                       "target is 95 %; strict, so reaching it fails here")
 def test_every_tenant_keeps_its_own_records(isolated):
     _, _, matrix = isolated
     for tenant in matrix.owners:

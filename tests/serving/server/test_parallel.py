@@ -1,6 +1,12 @@
-"""Tensor parallelism, run for real: `depn serve --tensor-parallel-size 2` on CPU (two worker processes, each with
-half of every MLP's neurons and its own slice of each mask) answers each tenant as the HF model does with that
-tenant's neurons switched off. The shard slicing alone is unit-tested in tests/serving/test_slots.py."""
+"""vLLM's parallelism, run for real on CPU, answers each tenant as the HF model does with that tenant's neurons
+switched off:
+- `--tensor-parallel-size 2`: two worker processes, each with half of every MLP's neurons and its own slice of each
+  mask (the shard slicing alone is unit-tested in tests/serving/test_slots.py);
+- `--data-parallel-size 2`: two engines, each with the whole model and every tenant's mask; a push reaches both,
+  and requests sent at once are spread over both (vLLM's own balancer)."""
+
+import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -17,7 +23,8 @@ from depn_serve.serving.server.tenants import TenantsConfig
 pytestmark = pytest.mark.slow
 
 
-def test_tensor_parallel_2_serves_each_tenant_its_mask(ci_testbed, tmp_path, monkeypatch):
+@pytest.mark.parametrize("parallel", ["tensor", "data"])
+def test_parallel_2_serves_each_tenant_its_mask(ci_testbed, tmp_path, monkeypatch, parallel):
     # One OpenMP thread per rank, on cores 0 and 1 (vLLM's automatic binding wants a NUMA node per rank).
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     model_dir = ci_testbed / "model"
@@ -51,14 +58,24 @@ def test_tensor_parallel_2_serves_each_tenant_its_mask(ci_testbed, tmp_path, mon
     (tmp_path / "admin.token").write_text("admin-" + "p" * 32)
     server = ServerProcess(model_dir, tmp_path / "tenants.yaml", tmp_path / "store", tmp_path / "admin.token",
                            tmp_path / "server.log", allow_unverified=True,
-                           vllm_options=(*SMALL_CPU_OPTIONS, "--tensor-parallel-size", "2"))
+                           vllm_options=(*SMALL_CPU_OPTIONS, f"--{parallel}-parallel-size", "2"))
     try:
         server.start(timeout=600)
         admin = AdminClient(server.url, tmp_path / "admin.token")
         for tenant in offs:
             admin.push(tenant, "main", tmp_path / f"{tenant}.safetensors")
-        for tenant, answers in {**expected, "public": unmasked}.items():
-            assert [server.complete(keys[tenant], p, 8) for p in prompts] == answers, tenant
+        asks = [(tenant, p) for tenant in (*expected, "public") for p in prompts]
+        with ThreadPoolExecutor(6) as pool:  # at once, so that data parallelism has both engines busy
+            answers = list(pool.map(lambda a: server.complete(keys[a[0]], a[1], 8), asks))
+        for (tenant, prompt), answer in zip(asks, answers):
+            assert answer == {**expected, "public": unmasked}[tenant][prompts.index(prompt)], (tenant, prompt)
+        metrics = server.metrics()
     finally:
         server.stop()
-    assert "tensor_parallel_size=2," in (tmp_path / "server.log").read_text(), "the server did not run with TP=2"
+    assert f"{parallel}_parallel_size=2," in (tmp_path / "server.log").read_text(), f"not run with {parallel} size 2"
+    if parallel == "data":  # both engines answered requests
+        done: dict[str, float] = {}
+        for engine, value in re.findall(r'^vllm:request_success_total\{[^}]*engine="(\d+)"[^}]*\} (\S+)$', metrics,
+                                        re.M):
+            done[engine] = done.get(engine, 0.0) + float(value)
+        assert set(done) == {"0", "1"} and all(v > 0 for v in done.values()), done
