@@ -7,6 +7,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -156,8 +157,8 @@ def test_two_servers_on_one_store_converge_within_seconds(ci_testbed, tmp_path):
     cli = CliRunner()
     token = ["--admin-token-file", str(tmp_path / "admin.token")]
     try:
-        for server in servers:
-            server.start()
+        with ThreadPoolExecutor(2) as pool:  # both start at once
+            list(pool.map(ServerProcess.start, servers))
         pushed = cli.invoke(main, ["masks", "push", "--server", servers[0].url, *token, "--tenant", "acme",
                                    "--id", "main", "--mask", first[0]])
         assert pushed.exit_code == 0, pushed.output

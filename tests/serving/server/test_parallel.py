@@ -72,7 +72,8 @@ def test_parallel_2_serves_each_tenant_its_mask(ci_testbed, tmp_path, monkeypatc
         metrics = server.metrics()
     finally:
         server.stop()
-    assert f"{parallel}_parallel_size=2," in (tmp_path / "server.log").read_text(), f"not run with {parallel} size 2"
+    marker = {"tensor": "tensor_parallel_size=2,", "data": "(EngineCore_DP1 pid="}[parallel]  # the 2nd engine
+    assert marker in (tmp_path / "server.log").read_text(), f"the server did not run with {parallel} parallelism 2"
     if parallel == "data":  # both engines answered requests
         done: dict[str, float] = {}
         for engine, value in re.findall(r'^vllm:request_success_total\{[^}]*engine="(\d+)"[^}]*\} (\S+)$', metrics,

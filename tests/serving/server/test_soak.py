@@ -12,8 +12,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_load_and_mask_churn_lose_nothing(ci_testbed, tmp_path):
-    settings = SoakSettings(seconds=40, tenants=3, slots=2, concurrency=4, push_every=1.0, max_tokens=12, kills=2,
-                            disk_faults=2, hostile_every=0.1)
+    settings = SoakSettings(seconds=40, tenants=3, slots=2, concurrency=4, push_every=1.0, max_tokens=12, kills=1,
+                            disk_faults=1, hostile_every=0.1)
     report = run_soak(ci_testbed, tmp_path, settings)
     print(report.markdown())
     assert report.failures == 0, report.failure_examples
@@ -22,4 +22,4 @@ def test_load_and_mask_churn_lose_nothing(ci_testbed, tmp_path):
     assert report.pushes + report.drops >= 15 and report.pushes >= 5
     assert set(report.refused) <= {"403"}
     assert report.hostile >= 100
-    assert report.faults.problems == [] and report.faults.survived == 4
+    assert report.faults.problems == [] and report.faults.survived == 2
