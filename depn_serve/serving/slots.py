@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 class PackedMask:
     """A tenant's mask as the worker holds it between steps."""
 
-    version: int
+    version: str  # the content hash of the bits: equal bits never reload a slot, whichever process bound them
     packed: np.ndarray | None  # [num_layers, ceil(intermediate / 8)] uint8; None = no neuron masked
 
 
@@ -79,11 +79,11 @@ class MaskSlots:
             self.keep[:, DENY_SLOT] = 0
         self.counters = SlotCounters()
         self._masks: dict[str, PackedMask] = {}
-        self._resident: OrderedDict[str, tuple[int, int]] = OrderedDict()  # tenant -> (slot, version), LRU first
+        self._resident: OrderedDict[str, tuple[int, str]] = OrderedDict()  # tenant -> (slot, version), LRU first
         self._free = list(range(num_slots + RESERVED_SLOTS - 1, RESERVED_SLOTS - 1, -1))
 
     # --- control plane (collective_rpc, between steps) -------------------------------------------------------------
-    def bind(self, tenant: str, version: int, packed: bytes | None) -> None:
+    def bind(self, tenant: str, version: str, packed: bytes | None) -> None:
         """Set a tenant's mask; steps after this one use it, for requests already running too."""
         array = None
         if packed is not None:

@@ -4,9 +4,12 @@ binding. Only `depn serve` calls `run`; nothing here is installed by the plugin.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry
 from vllm.exceptions import GracefulHTTPError, VLLMValidationError
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -16,6 +19,9 @@ from depn_serve.core.errors import DepnError
 from depn_serve.serving.request import reserved_keys
 from depn_serve.serving.server.http import AuthMiddleware, admin_router, current_request
 from depn_serve.serving.server.state import ServingState
+
+if TYPE_CHECKING:
+    from depn_serve.serving.server.serve import StateSpec
 
 
 def prometheus_registry():
@@ -37,13 +43,11 @@ def parse_args(argv: list[str]):
     if (args.prefill_context_parallel_size or 1) > 1:
         raise DepnError("--prefill-context-parallel-size: prefill context parallelism is not supported with "
                         "per-tenant masks")
-    if (args.api_server_count or 1) > 1:
-        raise DepnError("--api-server-count: depn serve runs one API server process (tenant state lives there)")
     validate_parsed_serve_args(args)
     return args
 
 
-def run(args, state: ServingState) -> None:
+def run(args, spec: StateSpec) -> None:
     import uvloop
     from vllm.entrypoints.launchers.api_server import entry
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
@@ -51,8 +55,38 @@ def run(args, state: ServingState) -> None:
 
     cli_env_setup()
     configure_logging_from_args(args)
-    _install(entry, state)
+    if (args.api_server_count or 1) > 1:
+        _run_api_servers(args, spec)
+        return
+    _install(entry, spec.build(prometheus_registry()))
     uvloop.run(entry.run_server(args))
+
+
+def _run_api_servers(args, spec: StateSpec) -> None:
+    """`--api-server-count N`: vLLM's own launcher (engines, N API server processes on one port), with each API
+    server process building its own tenant state. They share nothing but the engines and the mask store: a push or
+    tenants-file change one of them applies reaches the others through the store within a second
+    (`ServingState.sync_store`), as with separate replicas; every one binds the same bits, keyed by content."""
+    from vllm.entrypoints.cli import serve as vllm_serve
+    from vllm.v1.utils import APIServerProcessManager
+
+    spec.build(CollectorRegistry())  # check the masks and migrate the store once, before N processes read it
+    vllm_serve.APIServerProcessManager = functools.partial(
+        APIServerProcessManager, target_server_fn=functools.partial(_api_server_process, spec))
+    vllm_serve.run_multi_api_server(args)
+
+
+def _api_server_process(spec: StateSpec, listen_address, sock, args, client_config=None, **uvicorn_kwargs) -> None:
+    """One API server process (spawned): its state, with metrics in Prometheus' multiprocess mode (vLLM set it up),
+    then vLLM's own API server worker."""
+    from vllm.entrypoints.launchers.api_server import entry
+    from vllm.v1.utils import run_api_server_worker_proc
+
+    from . import _log_like_vllm
+
+    _log_like_vllm()
+    _install(entry, spec.build(CollectorRegistry(), multiprocess=True))
+    run_api_server_worker_proc(listen_address, sock, args, client_config, **uvicorn_kwargs)
 
 
 def _install(entry, state: ServingState) -> None:

@@ -139,10 +139,10 @@ def install() -> None:
 class DepnWorkerExtension:
     """Methods the server calls in every worker through `collective_rpc` (errors here do not kill the engine)."""
 
-    def depn_bind(self, tenant: str, version: int, packed: bytes | None) -> None:
+    def depn_bind(self, tenant: str, version: str, packed: bytes | None) -> None:
         self.model_runner._depn.slots.bind(tenant, version, packed)
 
-    def depn_bind_many(self, binds: list[tuple[str, int, bytes | None]]) -> None:
+    def depn_bind_many(self, binds: list[tuple[str, str, bytes | None]]) -> None:
         """Every tenant at start-up in one call (thousands of tenants would otherwise be thousands of calls)."""
         for tenant, version, packed in binds:
             self.model_runner._depn.slots.bind(tenant, version, packed)

@@ -86,6 +86,32 @@ def _with_body(send, body: bytes):
     return wrapped
 
 
+def _appending(send, extra: bytes):
+    """vLLM's 200 answer with `extra` after its body (held until its last part, for the new length); a compressed
+    or failed answer passes unchanged."""
+    start: dict | None = None
+    parts: list[bytes] = []
+
+    async def wrapped(message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers", []))
+            if message["status"] == 200 and b"content-encoding" not in {k.lower() for k in headers}:
+                start = message
+                return
+        elif message["type"] == "http.response.body" and start is not None:
+            parts.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(parts) + extra
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            message = {"type": "http.response.body", "body": body}
+        await send(message)
+
+    return wrapped
+
+
 class AuthMiddleware:
     def __init__(self, app, state: ServingState):
         self.app = app
@@ -107,6 +133,8 @@ class AuthMiddleware:
                     await self.state.worker_status(max_age=METRICS_MAX_AGE)
                 except Exception:  # a scrape must not fail because a worker is busy restarting
                     pass
+                if extra := self.state.metrics.appended():
+                    return await self.app(scope, receive, _appending(send, extra))
             return await self.app(scope, receive, send)
         try:
             token = _bearer(scope)

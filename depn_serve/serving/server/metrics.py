@@ -4,29 +4,38 @@ Tenant labels are bounded: the first `max_tenant_labels` tenants (in the order t
 is the tenants file's order at start-up) get their own label value, later ones share `_other`. With thousands of
 tenants, keep the limit at what your Prometheus can hold and read per-tenant detail from `depn masks list`.
 Worker-side figures (slots, loads, evictions) are fetched from the workers when /metrics is scraped.
+
+With `--api-server-count N`, vLLM runs N API server processes and Prometheus' multiprocess mode: counters and the
+push histogram are summed over the processes, gauges of the server's state take the value that shows trouble first
+(the lowest store generation, the most tenants behind), and the collected figures (slots, first-token waits, tenants
+in flight) are those of the process that answered the scrape.
 """
 
 from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 OTHER = "_other"
 
 
 class DepnMetrics:
-    def __init__(self, registry: CollectorRegistry, max_tenant_labels: int = 100):
+    def __init__(self, registry: CollectorRegistry, max_tenant_labels: int = 100, multiprocess: bool = False):
+        """`multiprocess`: values go to prometheus_client's shared files, which vLLM's /metrics reads for every
+        process; `registry` then holds only the collected figures, which `appended` gives to the HTTP layer."""
         self.max_tenant_labels = max_tenant_labels
         self._labels: set[str] = set()
+        own, registry = registry, None if multiprocess else registry
+        self._appended = own if multiprocess else None
         self.requests = Counter("depn_requests", "Requests admitted, per tenant", ["tenant"], registry=registry)
         self.generated_tokens = Counter(
             "depn_generated_tokens", "Tokens generated, per tenant", ["tenant"], registry=registry
         )
         self.masked_neurons = Gauge(
             "depn_masked_neurons", "Neurons switched off for the tenant (union of its masks)", ["tenant"],
-            registry=registry,
+            registry=registry, multiprocess_mode="mostrecent",
         )
         self.pushes = Counter("depn_mask_pushes", "Mask pushes, by outcome", ["outcome"], registry=registry)
         self.push_latency = Histogram(
@@ -40,33 +49,44 @@ class DepnMetrics:
         self.unverified = Gauge(
             "depn_unverified_masks_in_use",
             "Masks in use without a passing verification certificate (only with --allow-unverified)",
-            registry=registry,
+            registry=registry, multiprocess_mode="max",
         )
         self.quarantined = Gauge(
             "depn_tenants_quarantined",
             "Tenants refused because a stored mask failed its checks at start-up (changed on disk, wrong model, "
             "no passing certificate); `depn masks list` says why",
-            registry=registry,
+            registry=registry, multiprocess_mode="max",
         )
         self.tenants_file = Gauge("depn_tenants_file", "The tenants file in force (1), by the start of its SHA-256",
-                                  ["sha256"], registry=registry)
+                                  ["sha256"], registry=registry, multiprocess_mode="mostrecent")
         self.tenants_file_ok = Gauge(
             "depn_tenants_file_ok", "0 while a changed tenants file cannot be applied (tenant requests get 503)",
-            registry=registry)
+            registry=registry, multiprocess_mode="min")
         self.store_generation = Gauge(
             "depn_store_generation", "The mask store generation this server applied (equal across a converged fleet)",
-            registry=registry)
+            registry=registry, multiprocess_mode="min")
         self.behind = Gauge(
             "depn_tenants_behind_store", "Tenants served with their previous masks: the store's could not be applied",
-            registry=registry)
+            registry=registry, multiprocess_mode="max")
         for outcome in ("accepted", "rejected", "failed"):  # at 0 from the start, so rates and alerts see the first
             self.pushes.labels(outcome)
         self.worker_status: dict = {}
         self._waiting: dict[object, float] = {}  # requests in flight without a first token -> when they came
         self._tenant_of: dict[object, str] = {}  # requests in flight -> their tenant
         self.longest_wait = 0.0  # the longest any request waited for its first token, since start
-        registry.register(_WorkerCollector(self))
-        registry.register(_WaitCollector(self))
+        own.register(_WorkerCollector(self))
+        own.register(_WaitCollector(self))
+
+    def appended(self) -> bytes:
+        """What /metrics must add to vLLM's answer: in multiprocess mode vLLM exposes only the shared files, not this
+        process's collected figures (slots, waits, tenants in flight)."""
+        return b"" if self._appended is None else generate_latest(self._appended)
+
+    def tenants_file_in_force(self, digest: str, previous: str) -> None:
+        if previous:
+            self.tenants_file.labels(previous).set(0)  # multiprocess files keep a removed series: at 0 it is not 1
+            self.tenants_file.remove(previous)
+        self.tenants_file.labels(digest).set(1)
 
     def waiting(self, request: object, tenant: str | None = None) -> None:
         self._waiting[request] = time.monotonic()

@@ -7,11 +7,14 @@ import json
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
-from depn_serve.core.arch import SERVABLE_MODEL_TYPES, mlp_shape, read_config
+from prometheus_client import CollectorRegistry
+
+from depn_serve.core.arch import SERVABLE_MODEL_TYPES, MlpShape, mlp_shape, read_config
 from depn_serve.core.errors import DepnError
-from depn_serve.core.fingerprint import model_fingerprint
+from depn_serve.core.fingerprint import ModelFingerprint, model_fingerprint
 from depn_serve.serving.server.api import read_admin_token
 from depn_serve.serving.server.metrics import DepnMetrics
 from depn_serve.serving.server.state import ServingState
@@ -54,21 +57,41 @@ def serve(
         "--worker-extension-cls", engine["worker_extension_cls"],
         "--additional-config", json.dumps(engine["additional_config"]),
     ])
-    state = ServingState(
-        tenants_path=Path(tenants),
-        store=MaskStore(Path(mask_store)),
-        fingerprint=model_fingerprint(Path(model)),
-        shape=mlp_shape(config),
-        admin_token=read_admin_token(admin_token_file),
-        metrics=DepnMetrics(hooks.prometheus_registry(), metrics_max_tenants),
-        allow_unverified=allow_unverified,
+    spec = StateSpec(
+        tenants=Path(tenants), mask_store=Path(mask_store), fingerprint=model_fingerprint(Path(model)),
+        shape=mlp_shape(config), admin_token=read_admin_token(admin_token_file),
+        metrics_max_tenants=metrics_max_tenants, allow_unverified=allow_unverified,
     )
     if allow_unverified:
         logging.getLogger("depn_serve.serving").warning(
             "depn-serve: --allow-unverified: masks without a passing verification certificate will be served")
-    state.prepare()  # a mask that fails its checks quarantines its tenant; the others serve
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "depn-serve" / "vllm"))
     # A store write past a file-size limit (`ulimit -f`, systemd's LimitFSIZE) then fails with EFBIG and the push
     # is refused with 507, like on a full disk, instead of SIGXFSZ killing the server.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    hooks.run(args, state)
+    hooks.run(args, spec)
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """What an API server process needs to build its `ServingState`: picklable, because with `--api-server-count N`
+    each of vLLM's N spawned API server processes builds its own (they converge through the mask store)."""
+
+    tenants: Path
+    mask_store: Path
+    fingerprint: ModelFingerprint
+    shape: MlpShape
+    admin_token: str
+    metrics_max_tenants: int
+    allow_unverified: bool
+
+    def build(self, registry: CollectorRegistry, multiprocess: bool = False) -> ServingState:
+        """The state with every stored mask loaded and checked (a bad one quarantines its tenant; the others serve)."""
+        state = ServingState(
+            tenants_path=self.tenants, store=MaskStore(self.mask_store), fingerprint=self.fingerprint,
+            shape=self.shape, admin_token=self.admin_token,
+            metrics=DepnMetrics(registry, self.metrics_max_tenants, multiprocess=multiprocess),
+            allow_unverified=self.allow_unverified,
+        )
+        state.prepare()
+        return state

@@ -238,7 +238,7 @@ class ServingState:
                 tenant=tenant.id, masks=masks, mask_version=union.version if union else None,
                 masked_neurons=union.neurons if union else 0, allow_unmasked=tenant.allow_unmasked,
                 missing=list(union.missing) if union else [], problem=union.problem if union else None,
-                resident=resident.get(tenant.id) == (union.version if union else None),
+                resident=union is not None and resident.get(tenant.id) == union.digest,
                 behind=self.behind.get(tenant.id),
             ))
         return MaskListing(tenants=tenants, slots=status.get("slots"), resident=len(resident),
@@ -380,10 +380,8 @@ class ServingState:
 
     def _tenants_applied(self, data: bytes) -> None:
         digest = hashlib.sha256(data).hexdigest()[:16]
-        if self._tenants_digest:
-            self.metrics.tenants_file.remove(self._tenants_digest)
+        self.metrics.tenants_file_in_force(digest, self._tenants_digest)
         self._tenants_digest = digest
-        self.metrics.tenants_file.labels(digest).set(1)
         self.metrics.tenants_file_ok.set(1)
         logger.info("depn-serve: tenants file %s (sha256 %s…) active: %d tenants", self.tenants_path, digest,
                     len(self.tenants.tenants))
@@ -446,12 +444,13 @@ class ServingState:
         return tuple((i, e.sha256) for i, e in entries if e is not None)
 
     @staticmethod
-    def _binding(tenant: Tenant, union: MaskUnion) -> tuple[str, int, bytes | None] | None:
+    def _binding(tenant: Tenant, union: MaskUnion) -> tuple[str, str, bytes | None] | None:
         """What the workers hold for the tenant, or None when it is refused at admission (then requests already
-        running finish with the mask they had)."""
+        running finish with the mask they had). Keyed by the mask's content hash, not this process's version: with
+        several API server processes each binds the same masks, and the same bits must not reload a slot."""
         if union.missing or union.problem or (not union.masked and not tenant.allow_unmasked):
             return None
-        return tenant.id, union.version, pack_bits(union.off).tobytes() if union.masked else None
+        return tenant.id, union.digest, pack_bits(union.off).tobytes() if union.masked else None
 
     def _stored(self, tenant_id: str, mask_id: str) -> NeuronMask:
         """A stored mask, checked again (the file, the model, the gate) before it is bound."""

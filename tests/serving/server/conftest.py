@@ -42,7 +42,7 @@ class Workers:
     """Records binds like the worker extension; can be told to fail."""
 
     def __init__(self):
-        self.bound: dict[str, tuple[int, bytes | None]] = {}
+        self.bound: dict[str, tuple[str, bytes | None]] = {}
         self.fail = False
         self.status_calls = 0
 

@@ -90,7 +90,7 @@ def test_a_stored_mask_a_server_cannot_apply_leaves_the_previous_one(world):
         before = workers.bound["acme"]
         push_to_store(store, tenants, "acme", "acme-main", mask(4, certificate=None))
         await state.sync_store()
-        assert workers.bound["acme"] == before and state.admit("acme") == before[0]
+        assert workers.bound["acme"] == before and state.unions["acme"].digest == before[0]
         assert "certificate" in state.behind["acme"] and state.metrics.behind._value.get() == 1
         assert state.health_detail()["tenants_behind_store"] == state.behind
         listing = {t.tenant: t for t in (await state.listing()).tenants}
@@ -100,7 +100,7 @@ def test_a_stored_mask_a_server_cannot_apply_leaves_the_previous_one(world):
         push_to_store(store, tenants, "acme", "acme-main", mask(5))
         await state.sync_store()
         assert state.behind == {} and state.health_detail() is None and state.unions["acme"].neurons == 1
-        assert workers.bound["acme"][0] == state.admit("acme") != before[0]
+        assert workers.bound["acme"][0] == state.unions["acme"].digest != before[0]
 
     asyncio.run(run())
 

@@ -3,9 +3,12 @@ switched off:
 - `--tensor-parallel-size 2`: two worker processes, each with half of every MLP's neurons and its own slice of each
   mask (the shard slicing alone is unit-tested in tests/serving/test_slots.py);
 - `--data-parallel-size 2`: two engines, each with the whole model and every tenant's mask; a push reaches both,
-  and requests sent at once are spread over both (vLLM's own balancer)."""
+  and requests sent at once are spread over both (vLLM's own balancer);
+- `--api-server-count 2`: two API server processes on one port, each with its own tenant state; a push answered by
+  one reaches the other through the mask store, and the metrics of both are summed on /metrics."""
 
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -23,7 +26,15 @@ from depn_serve.serving.server.tenants import TenantsConfig
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("parallel", ["tensor", "data"])
+OPTIONS = {"tensor": ("--tensor-parallel-size", "2"), "data": ("--data-parallel-size", "2"),
+           "api": ("--api-server-count", "2")}
+
+
+def _series(metrics: str, name: str) -> list[tuple[str, float]]:
+    return [(labels, float(value)) for labels, value in re.findall(rf"^{name}(\{{[^}}]*\}})? (\S+)$", metrics, re.M)]
+
+
+@pytest.mark.parametrize("parallel", list(OPTIONS))
 def test_parallel_2_serves_each_tenant_its_mask(ci_testbed, tmp_path, monkeypatch, parallel):
     # One OpenMP thread per rank, on cores 0 and 1 (vLLM's automatic binding wants a NUMA node per rank).
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
@@ -58,12 +69,17 @@ def test_parallel_2_serves_each_tenant_its_mask(ci_testbed, tmp_path, monkeypatc
     (tmp_path / "admin.token").write_text("admin-" + "p" * 32)
     server = ServerProcess(model_dir, tmp_path / "tenants.yaml", tmp_path / "store", tmp_path / "admin.token",
                            tmp_path / "server.log", allow_unverified=True,
-                           vllm_options=(*SMALL_CPU_OPTIONS, f"--{parallel}-parallel-size", "2"))
+                           vllm_options=(*SMALL_CPU_OPTIONS, *OPTIONS[parallel]))
     try:
         server.start(timeout=600)
         admin = AdminClient(server.url, tmp_path / "admin.token")
         for tenant in offs:
             admin.push(tenant, "main", tmp_path / f"{tenant}.safetensors")
+        if parallel == "api":  # the process that did not answer a push applies it from the store (lowest wins)
+            deadline = time.monotonic() + 10
+            while _series(server.metrics(), "depn_store_generation") != [("", 2.0)]:
+                assert time.monotonic() < deadline, _series(server.metrics(), "depn_store_generation")
+                time.sleep(0.2)
         asks = [(tenant, p) for tenant in (*expected, "public") for p in prompts]
         with ThreadPoolExecutor(6) as pool:  # at once, so that data parallelism has both engines busy
             answers = list(pool.map(lambda a: server.complete(keys[a[0]], a[1], 8), asks))
@@ -72,7 +88,8 @@ def test_parallel_2_serves_each_tenant_its_mask(ci_testbed, tmp_path, monkeypatc
         metrics = server.metrics()
     finally:
         server.stop()
-    marker = {"tensor": "tensor_parallel_size=2,", "data": "(EngineCore_DP1 pid="}[parallel]  # the 2nd engine
+    marker = {"tensor": "tensor_parallel_size=2,", "data": "(EngineCore_DP1 pid=",  # the 2nd engine
+              "api": "Started 2 API server processes"}[parallel]
     assert marker in (tmp_path / "server.log").read_text(), f"the server did not run with {parallel} parallelism 2"
     if parallel == "data":  # both engines answered requests
         done: dict[str, float] = {}
@@ -80,3 +97,7 @@ def test_parallel_2_serves_each_tenant_its_mask(ci_testbed, tmp_path, monkeypatc
                                         re.M):
             done[engine] = done.get(engine, 0.0) + float(value)
         assert set(done) == {"0", "1"} and all(v > 0 for v in done.values()), done
+    if parallel == "api":  # both processes' figures on /metrics: counters summed, collected ones from the answerer
+        assert sum(v for _, v in _series(metrics, "depn_requests_total")) == len(asks)
+        assert set(re.findall(r"\(ApiServer_(\d+) pid=\d+\)", (tmp_path / "server.log").read_text())) == {"0", "1"}
+        assert _series(metrics, "depn_mask_slots") == [("", 64.0)]

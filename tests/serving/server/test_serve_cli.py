@@ -36,9 +36,8 @@ def handed_over(monkeypatch):
     from prometheus_client import CollectorRegistry
 
     hooks = depn_serve_patches.versioned().frontend_hooks()
-    monkeypatch.setattr(hooks, "prometheus_registry", CollectorRegistry)  # several start-ups in one process
-    states = []
-    monkeypatch.setattr(hooks, "run", lambda args, state: states.append(state))
+    states = []  # a registry each: several start-ups in one process
+    monkeypatch.setattr(hooks, "run", lambda args, spec: states.append(spec.build(CollectorRegistry())))
     return states
 
 

@@ -28,7 +28,7 @@ def test_worker_failure_rolls_back_store_and_keeps_the_active_mask(world):
     assert (pushed.tenant, pushed.mask, pushed.version, pushed.neurons, pushed.tenant_neurons) == (
         "acme", "acme-main", 1, 2, 2)
     version = state.admit("acme")
-    assert workers.bound["acme"][0] == version and state.unions["acme"].neurons == 2
+    assert workers.bound["acme"][0] == state.unions["acme"].digest and state.unions["acme"].neurons == 2
     listing = {t.tenant: t for t in asyncio.run(state.listing()).tenants}
     assert listing["acme"].mask_version == version and listing["acme"].masked_neurons == 2
     assert [(m.id, m.version, m.neurons) for m in listing["acme"].masks] == [("acme-main", 1, 2)]
@@ -81,7 +81,8 @@ def test_the_tenants_file_applies_whole_while_serving(world, monkeypatch):
     config.tenant("acme").masks = ["acme-extra"]
     config.save(path)
     assert asyncio.run(state.authenticate(key)).id == "initech"
-    assert state.admit("initech") == workers.bound["initech"][0] and workers.bound["initech"][1] is None  # identity
+    state.admit("initech")
+    assert workers.bound["initech"] == (state.unions["initech"].digest, None)  # identity
     with pytest.raises(Refused) as refused:
         state.admit("globex")
     assert refused.value.status == 403
@@ -92,7 +93,8 @@ def test_the_tenants_file_applies_whole_while_serving(world, monkeypatch):
     config.tenant("globex").allow_unmasked = True  # flipped back: bound to the identity, not the zero row
     config.save(path)
     asyncio.run(state.authenticate(key))
-    assert state.admit("globex") == workers.bound["globex"][0] and workers.bound["globex"][1] is None
+    state.admit("globex")
+    assert workers.bound["globex"] == (state.unions["globex"].digest, None)
 
     # A revocation saved with a typo: every tenant request is refused, the file is parsed once, not per request.
     parsed = []
