@@ -18,7 +18,7 @@ from depn_serve.core.errors import DepnError
 
 ENABLE_ENV = "DEPN_SERVE"
 SUPPORTED = {"0.32": "vllm_0_32"}
-DEFAULT_MAX_MASK_SLOTS = 64
+DEFAULT_MAX_MASK_SLOTS = 1024  # bits on the device: 59 MB at the Llama-3-8B shape
 DEFAULT_MASK_WAIT_S = 1.0
 CONFIG_KEY = "depn"  # in vLLM's additional_config, which every vLLM process sees (and the compile cache hashes)
 

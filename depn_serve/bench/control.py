@@ -11,7 +11,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
@@ -64,7 +63,7 @@ def run_control_bench(model: Path, work: Path, tenants: int = 5000, masked: int 
                                  MaskProvenance(method="random"))
         store.put(f"t{i:05d}", "main", mask.to_bytes(), mask, ["main"])
 
-    slots = MaskSlots(64, shape.num_layers, shape.intermediate_size, (0, shape.intermediate_size), torch.float32,
+    slots = MaskSlots(64, shape.num_layers, shape.intermediate_size, (0, shape.intermediate_size),
                       "cpu", deny_untagged=True)
 
     async def workers(method: str, args: tuple) -> list:

@@ -2,7 +2,7 @@
 swings by tens of percent from run to run, far more than the effect it looks for.
 
 Times a Llama MLP (gate_up -> SiluAndMul -> down) with and without the masked path the patched `down_proj` runs
-(gather each token's row from the slot table, multiply), at decode-sized and prefill-sized token counts, in the same
+on CPU (each token's row of resident bits expanded, then a multiply), at decode-sized and prefill-sized token counts, in the same
 process, interleaved, with every token of the batch using a different slot.
 """
 
@@ -18,7 +18,7 @@ class MlpOverhead(BaseModel):
 
     tokens: int
     plain_us: float = Field(description="fastest MLP time without the mask (other load only ever slows a run)")
-    masked_us: float = Field(description="fastest MLP time with gather + multiply")
+    masked_us: float = Field(description="fastest MLP time with the mask (bits expanded per token, multiply)")
     ratio: float = Field(description="plain / masked: 1.0 = free, 0.98 = 2 % slower")
     median_ratio: float = Field(description="the same ratio from median times")
 
@@ -29,11 +29,13 @@ def mlp_overhead(hidden: int, intermediate: int, dtype: str, token_counts: tuple
     import torch.nn.functional as F
     from torch.utils import benchmark
 
+    from depn_serve.serving.kernels import keep_rows, keep_words
+
     torch.manual_seed(seed)
     kind = getattr(torch, dtype)
     gate_up = torch.randn(2 * intermediate, hidden, dtype=kind) / hidden**0.5
     down = torch.randn(hidden, intermediate, dtype=kind) / intermediate**0.5
-    keep = (torch.rand(slots, intermediate) > 0.01).to(kind)
+    words = torch.from_numpy(keep_words((torch.rand(slots, intermediate) < 0.01).numpy()))
 
     def plain(x):
         g, u = F.linear(x, gate_up).chunk(2, dim=-1)
@@ -41,7 +43,7 @@ def mlp_overhead(hidden: int, intermediate: int, dtype: str, token_counts: tuple
 
     def masked(x, index):
         g, u = F.linear(x, gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u * torch.index_select(keep, 0, index[: x.shape[0]]), down)
+        return F.linear(F.silu(g) * u * keep_rows(words, index[: x.shape[0]], intermediate, kind), down)
 
     results = []
     for tokens in token_counts:

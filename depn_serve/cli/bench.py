@@ -64,7 +64,7 @@ def serving(json_path: Path | None, markdown_path: Path | None, **options) -> No
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--tokens", default="32,256", show_default=True, help="token counts (decode batch, prefill chunk)")
 def mlp(hidden: int, intermediate: int, dtype: str, tokens: str) -> None:
-    """One MLP with and without the per-token mask gather + multiply (defaults: Llama-3-8B's shape)."""
+    """One MLP with and without the per-token mask (resident bits expanded, multiply; defaults: Llama-3-8B shape)."""
     from depn_serve.bench.mlp import mlp_overhead
 
     counts = tuple(int(t) for t in tokens.split(","))

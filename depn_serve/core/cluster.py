@@ -24,9 +24,11 @@ LOCAL = "local"
 
 
 class Runner(Protocol):
-    """Runs jobs; `workers` says how many at once (1: one after the other, here)."""
+    """Runs jobs; `workers` says how many at once (1: one after the other, here). `local`: the jobs run in this
+    process, so a caller may skip sharding, report progress from inside a job and reuse this process's model."""
 
     workers: int
+    local: bool
 
     def map(self, fn: Callable[[J], R], jobs: Sequence[J], on_done: Callable[[R], None] | None = None) -> list[R]: ...
 
@@ -35,6 +37,7 @@ class InProcess:
     """The default: jobs one after the other in this process (they share its cached model)."""
 
     workers = 1
+    local = True
 
     def map(self, fn: Callable[[J], R], jobs: Sequence[J], on_done: Callable[[R], None] | None = None) -> list[R]:
         results = []
@@ -47,6 +50,8 @@ class InProcess:
 
 class RayCluster:
     """Jobs as Ray tasks, one CPU each (or one GPU each when they run on `cuda`)."""
+
+    local = False
 
     def __init__(self, address: str, gpus: bool = False):
         try:

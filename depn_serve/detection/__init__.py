@@ -10,7 +10,7 @@ import torch
 
 from depn_serve.artifacts.scores import ScoresFile, ScoresManifest, write_scores
 from depn_serve.core.arch import mlp_shape, read_config
-from depn_serve.core.cluster import InProcess, Runner, shared_model
+from depn_serve.core.cluster import Runner, shared_model
 from depn_serve.core.fileio import file_sha256
 from depn_serve.core.fingerprint import model_fingerprint
 from depn_serve.core.records import PrivateRecord, load_records
@@ -39,7 +39,7 @@ def detect_to_file(
     layer_list = list(range(shape.num_layers)) if settings.layers is None else sorted(set(settings.layers))
     if on_start:
         on_start(len(records))
-    if runner is None or isinstance(runner, InProcess):  # one pass, streamed, progress per record
+    if runner is None or runner.local:  # one pass, streamed, progress per record
         model, tokenizer = shared_model(model_dir, device)
         scored = detect(model, tokenizer, records, settings, on_record_done)
         scores = {record.id: score for record, score in scored}

@@ -173,9 +173,8 @@ def isolate(
     mlp_shape(read_config(model_dir))  # an unsupported model fails here, before any job
     chosen = list(tenants) or present
     runner = runner or InProcess()
-    here = isinstance(runner, InProcess)
     inputs = _Inputs(Path(model_dir), Path(records_path), Path(keep_text_path), Path(valid_path), device,
-                     fit or FitSettings(), attacks, criteria, bar if here else None)
+                     fit or FitSettings(), attacks, criteria, bar if runner.local else None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

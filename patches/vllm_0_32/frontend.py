@@ -7,7 +7,6 @@ import copy
 import functools
 import os
 from http import HTTPStatus
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from vllm.exceptions import GracefulHTTPError, VLLMValidationError
@@ -18,10 +17,7 @@ from vllm.v1.metrics.prometheus import get_prometheus_registry
 from depn_serve.core.errors import DepnError
 from depn_serve.serving.request import reserved_keys
 from depn_serve.serving.server.http import AuthMiddleware, admin_router, current_request
-from depn_serve.serving.server.state import ServingState
-
-if TYPE_CHECKING:
-    from depn_serve.serving.server.serve import StateSpec
+from depn_serve.serving.server.state import ServingState, StateSpec
 
 
 def prometheus_registry():

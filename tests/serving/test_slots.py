@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from depn_serve.artifacts.mask import pack_bits
+from depn_serve.serving.kernels import keep_rows
 from depn_serve.serving.slots import DENY_SLOT, IDENTITY_SLOT, MaskSlots, held_back
 
 LAYERS, WIDTH = 2, 12
@@ -15,8 +16,14 @@ def _off(*neurons: int) -> torch.Tensor:
     return off
 
 
+def _keep(slots: MaskSlots, slot: int) -> torch.Tensor:
+    """The slot's resident rows, expanded from bits as the masked layer does: `[layers, shard width]` 0/1."""
+    index = torch.tensor([slot], dtype=torch.int32)
+    return torch.cat([keep_rows(words, index, slots.width, torch.float32) for words in slots.words])
+
+
 def _slots(num_slots=2, shard=(0, WIDTH)) -> MaskSlots:
-    slots = MaskSlots(num_slots, LAYERS, WIDTH, shard, torch.float32, "cpu")
+    slots = MaskSlots(num_slots, LAYERS, WIDTH, shard, "cpu")
     for version, (tenant, neuron) in enumerate([("a", 0), ("b", 1), ("c", 2)], start=1):
         slots.bind(tenant, version, pack_bits(_off(neuron)).tobytes())
     return slots
@@ -26,13 +33,13 @@ def test_rows_hold_each_tenants_mask_and_identity_and_deny():
     slots = _slots()
     a, b, none = slots.assign(["a", "b", None], live=set)
     assert none == IDENTITY_SLOT
-    assert torch.equal(slots.keep[:, a], (~_off(0)).float())
-    assert torch.equal(slots.keep[:, b], (~_off(1)).float())
-    assert slots.keep[:, IDENTITY_SLOT].eq(1).all() and slots.keep[:, DENY_SLOT].eq(0).all()
+    assert torch.equal(_keep(slots, a), (~_off(0)).float())
+    assert torch.equal(_keep(slots, b), (~_off(1)).float())
+    assert _keep(slots, IDENTITY_SLOT).eq(1).all() and _keep(slots, DENY_SLOT).eq(0).all()
 
 
 def test_a_server_gives_a_request_without_tenant_the_deny_row():
-    slots = MaskSlots(2, LAYERS, WIDTH, (0, WIDTH), torch.float32, "cpu", deny_untagged=True)
+    slots = MaskSlots(2, LAYERS, WIDTH, (0, WIDTH), "cpu", deny_untagged=True)
     slots.bind("a", 1, pack_bits(_off(0)).tobytes())
     assert slots.assign([None, "a", None], live=set)[::2] == [DENY_SLOT, DENY_SLOT]
     assert slots.status()["untagged"] == 1  # counted per step that had such requests
@@ -45,7 +52,7 @@ def test_lru_evicts_a_slot_not_used_by_this_step_preferring_idle_tenants():
     # "a" is least recently used but still has a live request; "b" is idle -> "b" goes.
     (c,) = slots.assign(["c"], live=lambda: {"a"})
     assert slots.status()["resident"] == {"a": 1, "c": 3}
-    assert torch.equal(slots.keep[:, c], (~_off(2)).float())
+    assert torch.equal(_keep(slots, c), (~_off(2)).float())
     assert slots.counters.evictions == 1 and slots.counters.loads == 3
 
 
@@ -61,7 +68,7 @@ def test_new_version_reloads_in_place():
     (a,) = slots.assign(["a"], live=set)
     slots.bind("a", 9, pack_bits(_off(5, 6)).tobytes())
     assert slots.assign(["a"], live=set) == [a]
-    assert torch.equal(slots.keep[:, a], (~_off(5, 6)).float())
+    assert torch.equal(_keep(slots, a), (~_off(5, 6)).float())
     assert slots.status()["resident"]["a"] == 9
 
 
@@ -76,8 +83,8 @@ def test_tensor_parallel_shard_holds_only_its_columns():
     slots = _slots(shard=(4, 8))
     slots.bind("s", 1, pack_bits(_off(3, 5)).tobytes())
     (s,) = slots.assign(["s"], live=set)
-    assert slots.keep.shape == (LAYERS, 4, 4)
-    assert slots.keep[0, s].tolist() == [1, 0, 1, 1]  # columns 4..7: only neuron 5 is off
+    assert slots.words.shape == (LAYERS, 4, 1)  # 4 neurons: one int32 word per row
+    assert _keep(slots, s)[0].tolist() == [1, 0, 1, 1]  # columns 4..7: only neuron 5 is off
 
 
 def test_bind_rejects_wrong_size():

@@ -7,18 +7,13 @@ import json
 import logging
 import os
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
-from depn_serve.core.arch import SERVABLE_MODEL_TYPES, MlpShape, mlp_shape, read_config
+from depn_serve.core.arch import SERVABLE_MODEL_TYPES, mlp_shape, read_config
 from depn_serve.core.errors import DepnError
-from depn_serve.core.fingerprint import ModelFingerprint, model_fingerprint
+from depn_serve.core.fingerprint import model_fingerprint
 from depn_serve.serving.server.api import read_admin_token
-from depn_serve.serving.server.metrics import DepnMetrics
-from depn_serve.serving.server.state import ServingState
-from depn_serve.serving.server.store import MaskStore
+from depn_serve.serving.server.state import StateSpec
 
 MANAGED_OPTIONS = ("--worker-extension-cls", "--additional-config", "--model")
 
@@ -71,27 +66,3 @@ def serve(
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     hooks.run(args, spec)
 
-
-@dataclass(frozen=True)
-class StateSpec:
-    """What an API server process needs to build its `ServingState`: picklable, because with `--api-server-count N`
-    each of vLLM's N spawned API server processes builds its own (they converge through the mask store)."""
-
-    tenants: Path
-    mask_store: Path
-    fingerprint: ModelFingerprint
-    shape: MlpShape
-    admin_token: str
-    metrics_max_tenants: int
-    allow_unverified: bool
-
-    def build(self, registry: CollectorRegistry, multiprocess: bool = False) -> ServingState:
-        """The state with every stored mask loaded and checked (a bad one quarantines its tenant; the others serve)."""
-        state = ServingState(
-            tenants_path=self.tenants, store=MaskStore(self.mask_store), fingerprint=self.fingerprint,
-            shape=self.shape, admin_token=self.admin_token,
-            metrics=DepnMetrics(registry, self.metrics_max_tenants, multiprocess=multiprocess),
-            allow_unverified=self.allow_unverified,
-        )
-        state.prepare()
-        return state

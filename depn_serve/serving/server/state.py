@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from depn_serve.artifacts.mask import MaskError, NeuronMask, pack_bits
 from depn_serve.core.arch import MlpShape
@@ -505,3 +506,28 @@ def _store_errors():
     except OSError as exc:
         status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else 500
         raise Refused(status, f"the mask store could not be written ({exc.strerror or exc}); nothing changed") from None
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """What an API server process needs to build its `ServingState`: picklable, because with `--api-server-count N`
+    each of vLLM's N spawned API server processes builds its own (they converge through the mask store)."""
+
+    tenants: Path
+    mask_store: Path
+    fingerprint: ModelFingerprint
+    shape: MlpShape
+    admin_token: str
+    metrics_max_tenants: int
+    allow_unverified: bool
+
+    def build(self, registry: CollectorRegistry, multiprocess: bool = False) -> ServingState:
+        """The state with every stored mask loaded and checked (a bad one quarantines its tenant; the others serve)."""
+        state = ServingState(
+            tenants_path=self.tenants, store=MaskStore(self.mask_store), fingerprint=self.fingerprint,
+            shape=self.shape, admin_token=self.admin_token,
+            metrics=DepnMetrics(registry, self.metrics_max_tenants, multiprocess=multiprocess),
+            allow_unverified=self.allow_unverified,
+        )
+        state.prepare()
+        return state

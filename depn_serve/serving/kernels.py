@@ -1,0 +1,183 @@
+"""SiluAndMul with each token's neuron mask applied in the same pass, with the masks kept on the device as bits.
+
+Why bits: a bf16 keep row costs 2 bytes per neuron, so 10,000 tenants x 32 layers x 14,336 neurons is 9.2 GB; as
+bits it is 0.57 GB, small enough to keep every bound mask resident. Why fused: the mask is then read as 1/16 of
+the activation's bytes and applied while the activation is in registers, instead of a gather of a full-width row
+and a second elementwise pass over the activation.
+
+Device format (`words`): int32 `[rows, ceil(intermediate / 32)]`; bit j (little order) of word w is neuron
+32 * w + j, 1 = KEEP, 0 = switched off; the bits past `intermediate` are zero here and ignored by the readers.
+`index`: int32 `[tokens]`, the row of each token. Callers reserve row `IDENTITY_ROW` (all kept) and row
+`DENY_ROW` (all off); `reserved_words` builds both.
+
+Two implementations of the same product, `silu(gate) * up * keep_bit` in x's dtype, with silu rounded to x's dtype
+before the multiply (vLLM's CUDA `silu_and_mul` and torch's `F.silu(g) * u` both do):
+`silu_and_mul_masked_torch` (the reference; the serving path expands rows with `keep_rows` the same way) and
+`silu_and_mul_masked_triton` (timed on a GPU by `depn_serve.bench.kernel`; not yet in the serving path). Triton is optional: this module imports without it
+(and without vLLM), and TRITON_INTERPRET=1 runs the kernel on CPU tensors in tests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+try:  # optional: CPU-only vLLM builds and the CPU test machine may lack it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
+IDENTITY_ROW = 0
+DENY_ROW = 1
+BITS = 32
+BLOCK = 1024  # columns per Triton program: a multiple of 32, so a program reads whole words
+
+
+def words_per_row(intermediate: int) -> int:
+    """Int32 words holding one row of `intermediate` bits."""
+    return -(-intermediate // BITS)
+
+
+def _bytes_to_words(keep_bytes: np.ndarray, intermediate: int, invert: bool = False) -> np.ndarray:
+    """`[n, ceil(intermediate / 8)]` uint8 bits (little order; keep bits, or off bits with `invert`) -> `[n, words]`
+    int32 keep words: one pass writing the (inverted) bytes into a word-padded buffer, the bits past
+    `intermediate` zeroed, each 4 bytes read as one little-endian int32."""
+    n, width = keep_bytes.shape
+    out = np.empty((n, words_per_row(intermediate) * 4), dtype=np.uint8)
+    if invert:
+        np.invert(keep_bytes, out=out[:, :width])
+    else:
+        out[:, :width] = keep_bytes
+    out[:, width:] = 0
+    if intermediate % 8:
+        out[:, width - 1] &= (1 << (intermediate % 8)) - 1
+    return out.view("<i4").astype(np.int32, copy=False)
+
+
+def keep_words(off: np.ndarray) -> np.ndarray:
+    """Bool `[n, intermediate]`, True = switched off -> int32 `[n, ceil(intermediate / 32)]` keep words."""
+    off = np.asarray(off, dtype=bool)
+    if off.ndim != 2:
+        raise ValueError(f"keep_words: expected a 2-d [rows, intermediate] bool array, got shape {off.shape}")
+    return _bytes_to_words(np.packbits(~off, axis=1, bitorder="little"), off.shape[1])
+
+
+def keep_words_from_packed(packed: np.ndarray, intermediate: int,
+                           shard: tuple[int, int] | None = None) -> np.ndarray:
+    """The mask file/wire format (`pack_bits`: uint8 `[layers, ceil(intermediate / 8)]`, little order, 1 = OFF)
+    -> int32 keep words `[layers, ceil(width / 32)]`, without unpacking to one byte per neuron: the worker calls
+    this on every bind. `shard` = `[start, stop)` keeps only a tensor-parallel rank's columns (byte-aligned
+    starts stay on the fast path; others unpack)."""
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != -(-intermediate // 8):
+        raise ValueError(f"keep_words_from_packed: expected uint8 [layers, {-(-intermediate // 8)}] for "
+                         f"{intermediate} neurons, got {packed.dtype} {packed.shape}")
+    start, stop = shard if shard is not None else (0, intermediate)
+    if not 0 <= start <= stop <= intermediate:
+        raise ValueError(f"keep_words_from_packed: shard {shard} is not inside [0, {intermediate})")
+    if start % 8:
+        off = np.unpackbits(packed, axis=1, bitorder="little", count=intermediate).astype(bool)
+        return keep_words(off[:, start:stop])
+    return _bytes_to_words(packed[:, start // 8: -(-stop // 8)], stop - start, invert=True)
+
+
+def reserved_words(intermediate: int) -> np.ndarray:
+    """The two reserved rows, `[2, words]`: row `IDENTITY_ROW` keeps every neuron, row `DENY_ROW` none."""
+    off = np.zeros((2, intermediate), dtype=bool)
+    off[DENY_ROW] = True
+    return keep_words(off)
+
+
+def keep_rows(words: torch.Tensor, index: torch.Tensor, intermediate: int, dtype: torch.dtype) -> torch.Tensor:
+    """Each token's keep row expanded to `[tokens, intermediate]` 0/1 in `dtype` (the torch path's mask). Pure
+    tensor ops (no data-dependent branching, no sync), so it traces under torch.compile and CUDA graphs."""
+    shifts = torch.arange(BITS, dtype=torch.int32, device=words.device)
+    bits = (words.index_select(0, index).unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(1)[:, :intermediate].to(dtype)
+
+
+def silu_and_mul_masked_torch(x: torch.Tensor, words: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up * keep_bit`, x = `[tokens, 2 * intermediate]` (gate first, as vLLM's SiluAndMul): the
+    reference and the CPU path; bit-identical to `F.silu(g) * u * keep_row` with a 0/1 row in x's dtype."""
+    d = x.shape[-1] // 2
+    return F.silu(x[:, :d]) * x[:, d:] * keep_rows(words, index[: x.shape[0]], d, x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _silu_and_mul_kernel(x_ptr, out_ptr, words_ptr, index_ptr, d, x_stride, out_stride, words_stride,
+                             BLOCK: tl.constexpr, MASKED: tl.constexpr):
+        """One program per (token, BLOCK columns), the block as [BLOCK / 32, 32]: one int32 word per row of the
+        tile, its bits across the row. MASKED=False compiles the mask out (the unmasked baseline)."""
+        token = tl.program_id(0).to(tl.int64)
+        word = tl.program_id(1) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
+        bit = tl.arange(0, 32)
+        cols = word[:, None] * 32 + bit[None, :]
+        inside = cols < d
+        x_row = x_ptr + token * x_stride
+        gate = tl.load(x_row + cols, mask=inside, other=0.0)
+        up = tl.load(x_row + d + cols, mask=inside, other=0.0)
+        g = gate.to(tl.float32)
+        # silu in fp32, rounded to x's dtype before the multiply: vLLM's CUDA kernel and F.silu(g) * u do the same
+        act = (g / (1.0 + tl.exp(-g))).to(x_ptr.dtype.element_ty).to(tl.float32)
+        y = act * up.to(tl.float32)
+        if MASKED:
+            row = tl.load(index_ptr + token).to(tl.int64)
+            w = tl.load(words_ptr + row * words_stride + word, mask=word * 32 < d, other=0)
+            keep = (w[:, None] >> bit[None, :]) & 1
+            y = y * keep.to(tl.float32)  # a multiply, not a select: the same zeros (and NaNs) as the torch path
+        tl.store(out_ptr + token * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _launch(x: torch.Tensor, words: torch.Tensor | None, index: torch.Tensor | None,
+            out: torch.Tensor | None) -> torch.Tensor:
+    if triton is None:
+        raise RuntimeError("silu_and_mul Triton kernel: triton is not installed")
+    if x.ndim != 2 or x.shape[-1] % 2 or x.stride(-1) != 1:
+        raise ValueError(f"silu_and_mul: x must be [tokens, 2 * intermediate] with contiguous rows, got "
+                         f"{tuple(x.shape)} strides {x.stride()}")
+    tokens, d = x.shape[0], x.shape[1] // 2
+    if out is None:
+        out = torch.empty((tokens, d), dtype=x.dtype, device=x.device)
+    elif out.shape != (tokens, d) or out.stride(-1) != 1 or out.dtype != x.dtype:
+        raise ValueError(f"silu_and_mul: out must be {x.dtype} [{tokens}, {d}] with contiguous rows, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    if tokens == 0:
+        return out
+    masked = words is not None
+    if masked:
+        if words.dtype != torch.int32 or words.ndim != 2 or words.shape[1] < words_per_row(d) or \
+                words.stride(-1) != 1:
+            raise ValueError(f"silu_and_mul_masked: words must be int32 [rows, >= {words_per_row(d)}], got "
+                             f"{words.dtype} {tuple(words.shape)}")
+        if index.dtype not in (torch.int32, torch.int64) or index.shape[0] < tokens:
+            raise ValueError(f"silu_and_mul_masked: index must be int32/int64 [>= {tokens}], got "
+                             f"{index.dtype} {tuple(index.shape)}")
+    grid = (tokens, triton.cdiv(d, BLOCK))
+    _silu_and_mul_kernel[grid](
+        x, out, words if masked else x, index if masked else x, d, x.stride(0), out.stride(0),
+        words.stride(0) if masked else 0, BLOCK=BLOCK, MASKED=masked,
+    )
+    return out
+
+
+def silu_and_mul_masked_triton(x: torch.Tensor, words: torch.Tensor, index: torch.Tensor,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused kernel: each program reads its token's row index once, the words of its column block, and
+    zeroes the dropped neurons while writing silu(gate) * up. Row indices are not bounds-checked (as in a gather
+    on the device): callers keep them inside `words`."""
+    return _launch(x, words, index, out)
+
+
+def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The same kernel with the mask compiled out: the fair unmasked baseline for the benchmark."""
+    return _launch(x, None, None, out)
+
+
+def triton_available() -> bool:
+    return triton is not None
+

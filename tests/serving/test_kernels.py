@@ -1,0 +1,187 @@
+"""Packed keep words and the masked SiluAndMul (no vLLM): the bit format against numpy's, the torch path bit-exact
+against the product the server computes today, the Triton kernel under Triton's CPU interpreter, and a smoke run
+of the kernel benchmark.
+
+The interpreter (TRITON_INTERPRET=1, read when triton is imported) runs in a subprocess. It handles bf16 loads and
+stores, but casts fp32 -> bf16 by truncation, not round-to-nearest-even as the GPU does, so in the interpreter the
+bf16 kernel is within 2 bf16 ulps of the reference (rtol 1.6e-2), not bit-identical; float32 and float16 differ
+from torch only in the last bits of exp (numpy's vs torch's), hence the tight tolerances. The mask logic itself is
+checked exactly in every dtype: masked kernel == unmasked kernel * keep row, dropped neurons exactly 0.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from depn_serve.artifacts.mask import pack_bits
+from depn_serve.serving import kernels as k
+
+ROOT = Path(__file__).resolve().parents[2]
+WIDTHS = [1, 12, 33, 100, 512, 1030]
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def _off(rows: int, width: int, seed: int = 0) -> np.ndarray:
+    """Random off masks of several densities, plus an all-kept and an all-off row."""
+    rng = np.random.default_rng(seed)
+    off = rng.random((rows, width)) < rng.random((rows, 1))
+    off[0], off[-1] = False, True
+    return off
+
+
+def _decode(words: np.ndarray, width: int) -> np.ndarray:
+    """Keep bits back from the words, through numpy's own little-order unpacking."""
+    return np.unpackbits(words.astype("<i4").view(np.uint8), axis=1, bitorder="little", count=width).astype(bool)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_keep_words_match_numpy_bits_and_the_wire_format(width):
+    off = _off(9, width)
+    words = k.keep_words(off)
+    assert words.dtype == np.int32 and words.shape == (9, k.words_per_row(width))
+    assert np.array_equal(_decode(words, width), ~off)
+    assert np.array_equal(_decode(words, words.shape[1] * 32)[:, width:], np.zeros((9, words.shape[1] * 32 - width)))
+    packed = pack_bits(torch.from_numpy(off))
+    assert np.array_equal(k.keep_words_from_packed(packed, width), words)
+
+
+def test_reserved_rows_are_identity_then_deny():
+    for width in WIDTHS:
+        rows = k.reserved_words(width)
+        assert np.array_equal(_decode(rows, width)[k.IDENTITY_ROW], np.ones(width, bool))
+        assert np.array_equal(_decode(rows, width)[k.DENY_ROW], np.zeros(width, bool))
+        assert np.array_equal(rows, k.keep_words(np.array([[False] * width, [True] * width])))
+
+
+@pytest.mark.parametrize("shard", [(0, 512), (256, 512), (64, 100), (3, 77), (500, 512), (10, 10)])
+def test_a_shard_of_the_wire_format_is_the_shard_of_the_mask(shard):
+    off = _off(4, 512, seed=1)
+    got = k.keep_words_from_packed(pack_bits(torch.from_numpy(off)), 512, shard)
+    assert np.array_equal(got, k.keep_words(off[:, shard[0]: shard[1]]))
+
+
+def test_a_packed_mask_of_the_wrong_width_or_type_is_refused():
+    with pytest.raises(ValueError, match="uint8"):
+        k.keep_words_from_packed(np.zeros((2, 4), np.uint8), 33)
+    with pytest.raises(ValueError, match="uint8"):
+        k.keep_words_from_packed(np.zeros((2, 5), np.int32), 40)
+    with pytest.raises(ValueError, match="shard"):
+        k.keep_words_from_packed(np.zeros((2, 5), np.uint8), 40, (8, 48))
+
+
+def _table(width: int, rows: int = 6, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    """(off of every row, int32 words on torch), rows 0 and 1 the reserved identity and deny rows."""
+    off = np.concatenate([[np.zeros(width, bool), np.ones(width, bool)], _off(rows - 2, width, seed)])
+    return off, torch.from_numpy(k.keep_words(off))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [12, 33, 100, 1030])
+@pytest.mark.parametrize("tokens", [0, 1, 7, 64])
+def test_the_torch_path_is_bit_identical_to_the_current_product(dtype, width, tokens):
+    off, words = _table(width)
+    gen = torch.Generator().manual_seed(width + tokens)
+    index = torch.randint(0, len(off), (tokens,), generator=gen, dtype=torch.int32)
+    index[:2] = torch.tensor([0, 1])[:tokens]
+    x = (torch.randn(tokens, 2 * width, generator=gen) * 4).to(dtype)
+    keep_row = torch.from_numpy(~off)[index.long()].to(dtype)
+    expected = F.silu(x[:, :width]) * x[:, width:] * keep_row
+    got = k.silu_and_mul_masked_torch(x, words, index)
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_the_torch_path_reads_only_the_first_tokens_of_a_longer_index_buffer():
+    off, words = _table(40)
+    x = torch.randn(3, 80)
+    index = torch.tensor([2, 1, 0, 5, 5], dtype=torch.int32)  # a padded, persistent buffer
+    expected = F.silu(x[:, :40]) * x[:, 40:] * torch.from_numpy(~off)[[2, 1, 0]].float()
+    assert torch.equal(k.silu_and_mul_masked_torch(x, words, index), expected)
+
+
+def test_the_torch_path_traces_as_one_graph():
+    """No data-dependent Python (no .item(), no branching on values): dynamo traces it without a graph break."""
+    off, words = _table(100)
+    x = torch.randn(5, 200)
+    index = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)
+    compiled = torch.compile(k.silu_and_mul_masked_torch, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x, words, index), k.silu_and_mul_masked_torch(x, words, index))
+
+
+def _interpreter_checks() -> None:
+    """Run in a subprocess with TRITON_INTERPRET=1 (see the module docstring); prints a JSON summary."""
+    torch.set_num_threads(1)
+    kernel = type(k._silu_and_mul_kernel).__name__
+    assert kernel == "InterpretedFunction", f"triton is not in interpreter mode: the kernel is a {kernel}"
+    tolerance = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
+    cases = 0
+    for dtype, (rtol, atol) in tolerance.items():
+        for width in [12, 33, 100, 1030, 2100]:  # not multiples of 32, and past one or two 1024-column blocks
+            off, words = _table(width, seed=width)
+            for tokens in [0, 1, 7]:
+                gen = torch.Generator().manual_seed(tokens * width)
+                index = torch.randint(0, len(off), (tokens,), generator=gen, dtype=torch.int32)
+                index[:2] = torch.tensor([0, 1])[:tokens]
+                x = torch.randn(tokens, 2 * width, generator=gen) * 4
+                x[:, 0], x[:, 1] = -100.0, 100.0  # exp overflows to inf, and underflows
+                x = x.to(dtype)
+                out = torch.full((tokens, width), float("nan"), dtype=dtype)
+                masked = k.silu_and_mul_masked_triton(x, words, index, out=out)
+                plain = k.silu_and_mul_triton(x)
+                keep = torch.from_numpy(~off)[index.long()].to(dtype)
+                assert masked is out and masked.dtype == dtype and masked.shape == (tokens, width)
+                assert torch.equal(masked, plain * keep), (dtype, width, tokens)
+                assert masked[keep == 0].eq(0).all(), (dtype, width, tokens)
+                reference = F.silu(x[:, :width]) * x[:, width:]
+                torch.testing.assert_close(plain, reference, rtol=rtol, atol=atol)
+                torch.testing.assert_close(masked, k.silu_and_mul_masked_torch(x, words, index), rtol=rtol, atol=atol)
+                cases += 1
+    print(json.dumps({"kernel": kernel, "cases": cases}))
+
+
+def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    environ = {k_: v for k_, v in os.environ.items() if k_ != "TRITON_INTERPRET"}
+    environ.update(OMP_NUM_THREADS="1", **env)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environ, capture_output=True, text=True,
+                          timeout=120)
+
+
+@needs_triton
+def test_the_triton_kernel_matches_the_reference_in_the_interpreter():
+    done = _run(["-c", "import tests.serving.test_kernels as t; t._interpreter_checks()"], TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary == {"kernel": "InterpretedFunction", "cases": 3 * 5 * 3}
+
+
+@needs_triton
+def test_the_kernel_benchmark_runs_on_cpu_in_the_interpreter(tmp_path):
+    """It sets TRITON_INTERPRET itself for --device cpu, and checks the kernel before it times it."""
+    out = tmp_path / "kernel.json"
+    done = _run(["-m", "depn_serve.bench.kernel", "--tokens", "1,4", "--intermediate", "96", "--masks", "8",
+                 "--rounds", "2", "--device", "cpu", "--json", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| tokens |" in done.stdout and "packed bits" in done.stdout
+    report = json.loads(out.read_text())
+    assert [r["tokens"] for r in report["results"]] == [1, 4]
+    assert report["memory_bytes"] == {"packed_bits": 8 * 32 * 3 * 4, "bf16_rows": 8 * 32 * 96 * 2}
+    for result in report["results"]:
+        assert set(result["median_us"]) == {"triton_unmasked", "triton_masked", "torch_unmasked", "torch_current"}
+        assert result["ratio_ci95"][0] <= result["ratio_mean"] <= result["ratio_ci95"][1]
+
+
+def test_the_kernels_and_the_benchmark_import_without_vllm_pydantic_or_triton():
+    """The GPU benchmark machine has neither vLLM nor pydantic, and CPU-only servers may lack triton."""
+    code = ("import sys; sys.modules.update({m: None for m in ('vllm', 'pydantic', 'triton')}); "
+            "import depn_serve.serving.kernels as k, depn_serve.bench.kernel; assert not k.triton_available()")
+    done = _run(["-c", code])
+    assert done.returncode == 0, done.stderr[-3000:]
