@@ -58,6 +58,42 @@ def serving(json_path: Path | None, markdown_path: Path | None, **options) -> No
     click.echo(result.markdown())
 
 
+@bench.command("ratio")
+@_setting("hidden")
+@_setting("layers")
+@_setting("intermediate")
+@_setting("heads")
+@_setting("kv-heads")
+@_setting("vocab")
+@_setting("dtype", type=click.Choice(["bfloat16", "float32"]))
+@click.option("--rounds", default=40, show_default=True, type=click.IntRange(min=2), help="paired rounds")
+@_setting("batch")
+@_setting("prompt-tokens")
+@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(min=2),
+              help="output tokens per prompt")
+@_setting("tenants")
+@_setting("mask-fraction")
+@_setting("seed")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="write the result here")
+def ratio(json_path: Path | None, **options) -> None:
+    """Masked / plain throughput on one engine, masking switched on and off between runs: the ratio with its 95 %
+    confidence interval (the machine's drift hits both sides of every pair)."""
+    from depn_serve.bench.ratio import PairedRound, run_paired_ratio
+    from depn_serve.core.fileio import atomic_write_text
+
+    settings = BenchSettings(**options, eager=True)
+
+    def report(r: PairedRound, warm_up: bool) -> None:
+        tag = "warm-up" if warm_up else f"round {r.round}/{settings.rounds}"
+        console.print(f"{tag:>12}  plain {r.plain_s:.3f} s  masked {r.masked_s:.3f} s  ratio {r.ratio:.4f}")
+
+    with tempfile.TemporaryDirectory(prefix="depn-bench-") as work:
+        result = run_paired_ratio(settings, Path(work), report)
+    if json_path:
+        atomic_write_text(json_path, result.model_dump_json(indent=2) + "\n")
+    click.echo(result.markdown())
+
+
 @bench.command("mlp")
 @click.option("--hidden", default=4096, show_default=True)
 @click.option("--intermediate", default=14336, show_default=True)
@@ -138,6 +174,31 @@ def soak(testbed: Path, json_path: Path | None, work: Path | None, **options) ->
         click.echo(f"failure: {example}", err=True)
     if not report.passed:
         raise SystemExit(1)
+
+
+@bench.command("detect")
+@click.option("--testbed", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="a `depn testbed build` folder (its model and records.jsonl)")
+@click.option("--records", "n_records", type=click.IntRange(min=1), default=4, show_default=True,
+              help="the first N records are scored")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
+              help="integrated-gradient steps (DEPN's default)")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="write the result here")
+def detect(testbed: Path, n_records: int, steps: int, device: str, json_path: Path | None) -> None:
+    """The batched detector against a straightforward per-token, per-layer, per-step integrated-gradients loop on
+    the same records, in one process: the speed-up and the largest score difference (they compute the same
+    scores, so the difference is float rounding)."""
+    from depn_serve.bench.detector import compare
+
+    with console.status(f"detector vs naive loop: {n_records} records, {steps} steps"):
+        report = compare(testbed / "model", testbed / "records.jsonl", n_records, steps, device)
+    if json_path:
+        json_path.write_text(report.model_dump_json(indent=2))
+    click.echo(report.markdown_header())
+    click.echo(report.markdown_row())
+    click.echo(f"\n{report.device}, torch {report.torch_version}, {report.threads} thread(s); allclose(rtol="
+               f"{report.rtol:g}, atol={report.atol:.1e}): {report.allclose}")
 
 
 COMMANDS = [bench]

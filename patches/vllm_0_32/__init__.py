@@ -1,6 +1,7 @@
 """depn-serve's hooks into vLLM 0.32.x internals (all of them live in this package).
 
-`install` (called by the plugin in every vLLM process) patches the worker, the model runner and the engine core;
+`install` (called by the plugin in every vLLM process) patches the worker, the model runner, the engine core and
+vLLM's CPU LoRA ops;
 `frontend` is used only by `depn serve`, in the API server process.
 """
 
@@ -17,11 +18,12 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    from . import engine, worker
+    from . import engine, lora, worker
 
     _log_like_vllm()
     worker.install()
     engine.install()
+    lora.install()
     _installed = True
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from depn_serve_patches import deny_untagged, max_mask_slots
 from vllm.logger import init_logger
+from vllm.lora.layers import RowParallelLinearWithLoRA
 from vllm.model_executor.layers.linear import RowParallelLinear, UnquantizedLinearMethod
 from vllm.model_executor.models.utils import PPMissingLayer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -41,13 +42,15 @@ class WorkerMasks:
             )
         downs = _down_projs(runner.get_model(), hf.num_hidden_layers)
         first = next(iter(downs.values()))
-        width = first.input_size_per_partition
+        width = getattr(first, "base_layer", first).input_size_per_partition
         start = first.tp_rank * width
         self.slots = MaskSlots(
             num_slots, hf.num_hidden_layers, hf.intermediate_size, (start, start + width), runner.device,
             deny_untagged=deny,
         )
         self.index = runner._make_buffer(runner.max_num_tokens, dtype=torch.int32)
+        self._layers = [(down, type(down)) for down in downs.values()]
+        self._eager = runner.model_config.enforce_eager
         for layer, down in downs.items():
             down.__class__ = _masked_class(type(down))
             down.register_buffer("depn_words", self.slots.words[layer], persistent=False)
@@ -57,6 +60,14 @@ class WorkerMasks:
             "depn-serve: masking %d layers (intermediate shard %d:%d), %d mask slots",
             len(downs), start, start + width, num_slots,
         )
+
+    def set_masking(self, on: bool) -> None:
+        """Switch the masked layers back to vLLM's own class and again (`depn bench ratio`: masked and plain steps on
+        one engine). Eager engines only: a compiled graph keeps the forward it was traced with."""
+        if not self._eager:
+            raise RuntimeError("depn-serve: masking can be switched only in an eager engine (enforce_eager=True)")
+        for down, base in self._layers:
+            down.__class__ = _masked_class(base) if on else base
 
     def fill(self, runner: GPUModelRunner, num_scheduled_tokens: np.ndarray) -> None:
         requests = runner.requests
@@ -78,14 +89,17 @@ def _down_projs(model: torch.nn.Module, num_layers: int) -> dict[int, RowParalle
     layers = getattr(inner, "layers", None)
     if layers is None or len(layers) != num_layers:
         raise RuntimeError(f"depn-serve: cannot find the {num_layers} decoder layers in {type(model).__name__}")
-    downs: dict[int, RowParallelLinear] = {}
+    downs: dict[int, RowParallelLinear | RowParallelLinearWithLoRA] = {}
     for index, layer in enumerate(layers):
         if isinstance(layer, PPMissingLayer):
             continue
         down = getattr(getattr(layer, "mlp", None), "down_proj", None)
-        if not isinstance(down, RowParallelLinear):
+        # With LoRA enabled vLLM wraps the layer; masking the wrapper's input masks what both the base weights and
+        # the adapter read, as in a model with the adapter merged.
+        base = down.base_layer if isinstance(down, RowParallelLinearWithLoRA) else down
+        if not isinstance(base, RowParallelLinear):
             raise RuntimeError(f"depn-serve: layer {index} has no RowParallelLinear mlp.down_proj")
-        if not isinstance(down.quant_method, UnquantizedLinearMethod):
+        if not isinstance(base.quant_method, UnquantizedLinearMethod):
             raise RuntimeError(
                 f"depn-serve: layer {index} down_proj is quantized ({type(down.quant_method).__name__}); "
                 "masks need an unquantized activation"
@@ -153,3 +167,6 @@ class DepnWorkerExtension:
 
     def depn_status(self) -> dict:
         return self.model_runner._depn.slots.status()
+
+    def depn_set_masking(self, on: bool) -> None:
+        self.model_runner._depn.set_masking(on)

@@ -121,3 +121,15 @@ def test_prefix_cache_is_never_shared_across_masks(engine, masks, reference, ci_
     assert list(first.outputs[0].token_ids) == want == list(again.outputs[0].token_ids)
     assert list(plain.outputs[0].token_ids) == _hf_greedy(model, list(plain.prompt_token_ids), None)[0]
     assert want != list(plain.outputs[0].token_ids)
+
+
+def test_masking_switches_only_in_eager_engines(engine, request):
+    """`depn bench ratio` switches masking between runs; a compiled graph would keep the masked forward, so it is
+    refused there (and the refusal, raised in a collective_rpc, leaves the engine serving)."""
+    if request.node.callspec.params["engine"] == "compiled":
+        with pytest.raises(Exception, match="only in an eager engine"):
+            engine.collective_rpc("depn_set_masking", args=(False,))
+    else:
+        engine.collective_rpc("depn_set_masking", args=(False,))
+        engine.collective_rpc("depn_set_masking", args=(True,))
+    assert _generate(engine, ["hello"], ["wide"])[0].outputs[0].token_ids

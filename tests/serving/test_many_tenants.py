@@ -3,7 +3,9 @@ so the slot count is set by memory, not by a small table, and steady state loads
 
 One engine with 1,024 slots; 1,000 tenants, each with its own random mask, are bound in one call and each sends a
 request in one `generate` call; a sample of them is checked token by token against the HF model with that tenant's
-neurons off. A second round over every tenant must load no mask (all stayed resident) and evict none.
+neurons off. A second round over every tenant must load no mask (all stayed resident) and evict none. Then masking
+is switched off and on again in the worker (what `depn bench ratio` does between runs): off, every sampled tenant
+gets the unmasked answer; on again, its masked one.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ def test_a_thousand_resident_masks_in_one_engine(engine, ci_testbed):
     first = engine.collective_rpc("depn_status")[0]
     one_each()
     second = engine.collective_rpc("depn_status")[0]
+    engine.collective_rpc("depn_set_masking", args=(False,))  # `depn bench ratio`'s plain runs: vLLM's own layers
+    plain = one_each()
+    engine.collective_rpc("depn_set_masking", args=(True,))
+    again = one_each()
 
     assert len(first["resident"]) == TENANTS and first["loads"] == TENANTS, first
     assert first["evictions"] == first["overflows"] == first["unknown"] == 0, first
@@ -82,5 +88,8 @@ def test_a_thousand_resident_masks_in_one_engine(engine, ci_testbed):
             want = hf(ids)
         got = list(outputs[t].outputs[0].token_ids)
         assert got == want, f"tenant t{t:04d}: vLLM {got} != HF {want}"
-        changed += got != hf(ids)
+        unmasked = hf(ids)
+        assert list(plain[t].outputs[0].token_ids) == unmasked, f"tenant t{t:04d} with masking switched off"
+        assert list(again[t].outputs[0].token_ids) == got, f"tenant t{t:04d} with masking switched on again"
+        changed += got != unmasked
     assert changed, "no sampled tenant's mask changed its answer: this test would prove nothing"
