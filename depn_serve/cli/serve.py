@@ -23,18 +23,22 @@ from depn_serve.cli.options import existing_file, model_dir_option
               help="seconds a tenant may wait for a mask slot before the running tenants are drained for it")
 @click.option("--metrics-max-tenants", default=100, show_default=True,
               help="tenants with their own Prometheus label (the rest share '_other')")
+@click.option("--masks-from", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="the unquantized checkpoint a quantized --model was made from: masks made for it are served on "
+                   "this copy (the configs must match apart from quantization_config)")
 @click.option("--allow-unverified", is_flag=True,
               help="serve masks without a passing verification certificate (logged, and counted in the metric "
                    "depn_unverified_masks_in_use); by default such a mask is refused")
 @click.pass_context
 def serve(ctx: click.Context, model_dir: Path, tenants_path: Path, mask_store: Path, token_file: Path,
-          max_mask_slots: int, max_mask_wait: float, metrics_max_tenants: int, allow_unverified: bool) -> None:
+          max_mask_slots: int, max_mask_wait: float, metrics_max_tenants: int, masks_from: Path | None,
+          allow_unverified: bool) -> None:
     """vLLM's OpenAI-compatible server with per-tenant masks; any other option is passed to vLLM as is. Every mask
     must carry a passing verification certificate (`depn isolate`, `depn verify`) unless --allow-unverified."""
     from depn_serve.serving.server.serve import serve as run_server
 
     run_server(model_dir, tenants_path, mask_store, token_file, max_mask_slots, metrics_max_tenants, list(ctx.args),
-               allow_unverified, max_mask_wait)
+               allow_unverified, max_mask_wait, masks_from)
 
 
 COMMANDS = [serve]

@@ -15,7 +15,7 @@ import torch
 from depn_serve_patches import deny_untagged, max_mask_slots
 from vllm.logger import init_logger
 from vllm.lora.layers import RowParallelLinearWithLoRA
-from vllm.model_executor.layers.linear import RowParallelLinear, UnquantizedLinearMethod
+from vllm.model_executor.layers.linear import RowParallelLinear
 from vllm.model_executor.models.utils import PPMissingLayer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
@@ -99,11 +99,10 @@ def _down_projs(model: torch.nn.Module, num_layers: int) -> dict[int, RowParalle
         base = down.base_layer if isinstance(down, RowParallelLinearWithLoRA) else down
         if not isinstance(base, RowParallelLinear):
             raise RuntimeError(f"depn-serve: layer {index} has no RowParallelLinear mlp.down_proj")
-        if not isinstance(base.quant_method, UnquantizedLinearMethod):
-            raise RuntimeError(
-                f"depn-serve: layer {index} down_proj is quantized ({type(down.quant_method).__name__}); "
-                "masks need an unquantized activation"
-            )
+        # A quantized down_proj quantizes its input itself (weight-only schemes keep it dense), so the mask multiplies
+        # the activation before that. Where vLLM would instead fuse the input quantization into SiluAndMul (FP8
+        # 128-block and NVFP4 checkpoints on CUDA), this turns the fusion off for the layer, as vLLM's LoRA does.
+        down.requires_unquantized_input = True
         downs[index] = down
     if not downs:
         raise RuntimeError("depn-serve: no decoder layer on this pipeline rank")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from depn_serve.core.arch import SERVABLE_MODEL_TYPES, mlp_shape, read_config
 from depn_serve.core.errors import DepnError
-from depn_serve.core.fingerprint import model_fingerprint
+from depn_serve.core.fingerprint import ModelFingerprint, config_digest, model_fingerprint
 from depn_serve.serving.server.api import read_admin_token
 from depn_serve.serving.server.state import StateSpec
 
@@ -32,6 +32,7 @@ def serve(
     vllm_argv: list[str],
     allow_unverified: bool = False,
     max_mask_wait: float = 1.0,
+    masks_from: Path | None = None,
 ) -> None:
     import depn_serve_patches
 
@@ -53,7 +54,7 @@ def serve(
         "--additional-config", json.dumps(engine["additional_config"]),
     ])
     spec = StateSpec(
-        tenants=Path(tenants), mask_store=Path(mask_store), fingerprint=model_fingerprint(Path(model)),
+        tenants=Path(tenants), mask_store=Path(mask_store), fingerprint=_mask_fingerprint(Path(model), masks_from),
         shape=mlp_shape(config), admin_token=read_admin_token(admin_token_file),
         metrics_max_tenants=metrics_max_tenants, allow_unverified=allow_unverified,
     )
@@ -66,3 +67,15 @@ def serve(
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     hooks.run(args, spec)
 
+
+def _mask_fingerprint(model: Path, masks_from: Path | None) -> ModelFingerprint:
+    """The fingerprint masks must carry: the served checkpoint's, or, for a quantized copy, its source's (the mask
+    multiplies the activation before the quantized `down_proj` reads it, so the same neurons mean the same)."""
+    if masks_from is None:
+        return model_fingerprint(model)
+    served, source = read_config(model), read_config(Path(masks_from))
+    served.pop("quantization_config", None)
+    if config_digest(served) != config_digest(source):
+        raise ServeError(f"--masks-from {masks_from}: its config.json differs from {model}'s apart from "
+                         "quantization_config; masks carry over only to a quantized copy of the same model")
+    return model_fingerprint(Path(masks_from))

@@ -1,5 +1,8 @@
 """What `depn serve` and the plugin refuse before any vLLM engine starts (fast; no engine)."""
 
+import json
+import shutil
+
 import depn_serve_patches
 import pytest
 from click.testing import CliRunner
@@ -102,3 +105,14 @@ def test_an_unverified_stored_mask_is_quarantined_unless_allowed(files, tiny_mod
     result = _serve(files, tiny_model_dir, "--allow-unverified")
     assert result.exit_code == 0, result.output
     assert handed_over[-1].allow_unverified and handed_over[-1]._planned["acme"].problem is None
+
+
+def test_masks_from_must_be_the_same_model_apart_from_quantization(files, tiny_model_dir, tmp_path, handed_over):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.01}))
+    result = _serve(files, tiny_model_dir, "--masks-from", str(other))
+    assert result.exit_code != 0 and "masks carry over only to a quantized copy of the same model" in result.output
+    result = _serve(files, tiny_model_dir, "--masks-from", str(tiny_model_dir))
+    assert result.exit_code == 0, result.output
