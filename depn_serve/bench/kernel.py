@@ -6,8 +6,12 @@ Variants, all bf16 by default, same x per token count:
   triton_unmasked  the fused kernel with the mask compiled out (the fair baseline)
   triton_masked    the fused kernel, a table of `--masks` resident packed rows, a different random row per token
   torch_unmasked   eager `F.silu(g) * u`
-  torch_current    the approach it replaces: eager silu * u, then index_select of a bf16 keep row from a 66-row
-                   table, and a multiply
+  triton_mask      the mask alone on an [tokens, intermediate] activation (`kernels.mask_triton`): what the engine
+                   runs on CUDA now, after vLLM's own SiluAndMul
+  torch_bits       the torch path (the engine's off CUDA): eager silu * u times the token's keep bits expanded from
+                   the same table of `--masks` packed rows (`kernels.keep_rows`)
+  torch_rows       the path before masks were packed: eager silu * u, then index_select of a bf16 keep row from a
+                   66-row table, and a multiply
 
 The variants alternate in one process (each round times every variant over `--launches` launches, in a shuffled
 order), so slow phases of the machine hit all of them; the masked/unmasked ratio is taken per round and reported
@@ -33,8 +37,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-VARIANTS = ("triton_unmasked", "triton_masked", "torch_unmasked", "torch_current")
-CURRENT_ROWS = 66  # the current table: 64 tenant slots + identity + deny, one bf16 row each
+VARIANTS = ("triton_unmasked", "triton_masked", "triton_mask", "torch_unmasked", "torch_bits", "torch_rows")
+CURRENT_ROWS = 66  # the table before packing: 64 tenant slots + identity + deny, one bf16 row each
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,9 @@ def measure(token_counts: list[int], intermediate: int, masks: int, rounds: int,
             "triton_unmasked": lambda: k.silu_and_mul_triton(x, out=out_plain),
             "triton_masked": lambda: k.silu_and_mul_masked_triton(x, words, index, out=out_masked),
             "torch_unmasked": lambda: F.silu(gate) * up,
-            "torch_current": lambda: (F.silu(gate) * up) * torch.index_select(current, 0, index_current),
+            "triton_mask": lambda: k.mask_triton(out_plain, words, index, out=out_masked),
+            "torch_bits": lambda: k.silu_and_mul_masked_torch(x, words, index),
+            "torch_rows": lambda: (F.silu(gate) * up) * torch.index_select(current, 0, index_current),
         }
         for fn in fns.values():  # compile the kernels, warm the allocator
             for _ in range(3):
@@ -198,15 +204,16 @@ def measure(token_counts: list[int], intermediate: int, masks: int, rounds: int,
 def markdown(results: list[KernelTiming], memory: dict[str, int], masks: int, layers: int,
              intermediate: int) -> str:
     lines = [
-        "| tokens | Triton unmasked µs | Triton masked µs | torch silu*u µs | torch current µs | masked / unmasked "
-        "(95 % CI) | masked GB/s | unmasked GB/s | bit-identical |",
-        "|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| tokens | Triton unmasked µs | Triton masked µs | Triton mask alone µs | torch silu*u µs | torch bits µs | "
+        "torch rows µs | masked / unmasked (95 % CI) | masked GB/s | unmasked GB/s | bit-identical |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in results:
         m = r.median_us
         lines.append(
-            f"| {r.tokens} | {m['triton_unmasked']:.2f} | {m['triton_masked']:.2f} | {m['torch_unmasked']:.2f} | "
-            f"{m['torch_current']:.2f} | {r.ratio_mean:.3f} ({r.ratio_ci95[0]:.3f}–{r.ratio_ci95[1]:.3f}) | "
+            f"| {r.tokens} | {m['triton_unmasked']:.2f} | {m['triton_masked']:.2f} | {m['triton_mask']:.2f} | "
+            f"{m['torch_unmasked']:.2f} | "
+            f"{m['torch_bits']:.2f} | {m['torch_rows']:.2f} | {r.ratio_mean:.3f} ({r.ratio_ci95[0]:.3f}–{r.ratio_ci95[1]:.3f}) | "
             f"{r.masked_gbps:.1f} | {r.unmasked_gbps:.1f} | {r.identical_fraction:.4%} |")
     lines.append("")
     lines.append(f"Masks on the device for {masks:,} masks x {layers} layers x {intermediate:,} neurons: packed bits "

@@ -92,11 +92,14 @@ def reserved_words(intermediate: int) -> np.ndarray:
 
 
 def keep_rows(words: torch.Tensor, index: torch.Tensor, intermediate: int, dtype: torch.dtype) -> torch.Tensor:
-    """Each token's keep row expanded to `[tokens, intermediate]` 0/1 in `dtype` (the torch path's mask). Pure
-    tensor ops (no data-dependent branching, no sync), so it traces under torch.compile and CUDA graphs."""
-    shifts = torch.arange(BITS, dtype=torch.int32, device=words.device)
-    bits = (words.index_select(0, index).unsqueeze(-1) >> shifts) & 1
-    return bits.flatten(1)[:, :intermediate].to(dtype)
+    """Each token's keep row expanded to `[tokens, intermediate]` 0/1 in `dtype` (the torch path's mask): each byte
+    of its words looks up its 8 values in a 256 x 8 table, so the one full-size tensor made is the row itself (with
+    shifts there were three, of int32). Pure tensor ops (no data-dependent branching, no sync), so it traces under
+    torch.compile and CUDA graphs."""
+    byte = torch.arange(256, dtype=torch.int32, device=words.device)
+    table = ((byte.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=words.device)) & 1).to(dtype)
+    codes = words.index_select(0, index).view(torch.uint8).to(torch.int64)  # little-endian: byte 0 = neurons 0-7
+    return F.embedding(codes, table).flatten(1)[:, :intermediate]
 
 
 def silu_and_mul_masked_torch(x: torch.Tensor, words: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -109,22 +112,25 @@ def silu_and_mul_masked_torch(x: torch.Tensor, words: torch.Tensor, index: torch
 if triton is not None:
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, words_ptr, index_ptr, d, x_stride, out_stride, words_stride,
-                             BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    def _masked_act_kernel(x_ptr, out_ptr, words_ptr, index_ptr, d, x_stride, out_stride, words_stride,
+                           BLOCK: tl.constexpr, ACT: tl.constexpr, MASKED: tl.constexpr):
         """One program per (token, BLOCK columns), the block as [BLOCK / 32, 32]: one int32 word per row of the
-        tile, its bits across the row. MASKED=False compiles the mask out (the unmasked baseline)."""
+        tile, its bits across the row. ACT: x is [gate | up] and the output silu(gate) * up (else the output is x);
+        MASKED=False compiles the mask out (the unmasked baseline)."""
         token = tl.program_id(0).to(tl.int64)
         word = tl.program_id(1) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
         bit = tl.arange(0, 32)
         cols = word[:, None] * 32 + bit[None, :]
         inside = cols < d
         x_row = x_ptr + token * x_stride
-        gate = tl.load(x_row + cols, mask=inside, other=0.0)
-        up = tl.load(x_row + d + cols, mask=inside, other=0.0)
-        g = gate.to(tl.float32)
-        # silu in fp32, rounded to x's dtype before the multiply: vLLM's CUDA kernel and F.silu(g) * u do the same
-        act = (g / (1.0 + tl.exp(-g))).to(x_ptr.dtype.element_ty).to(tl.float32)
-        y = act * up.to(tl.float32)
+        if ACT:
+            g = tl.load(x_row + cols, mask=inside, other=0.0).to(tl.float32)
+            up = tl.load(x_row + d + cols, mask=inside, other=0.0)
+            # silu in fp32, rounded to x's dtype before the multiply: vLLM's CUDA kernel and F.silu(g) * u do too
+            act = (g / (1.0 + tl.exp(-g))).to(x_ptr.dtype.element_ty).to(tl.float32)
+            y = act * up.to(tl.float32)
+        else:
+            y = tl.load(x_row + cols, mask=inside, other=0.0).to(tl.float32)
         if MASKED:
             row = tl.load(index_ptr + token).to(tl.int64)
             w = tl.load(words_ptr + row * words_stride + word, mask=word * 32 < d, other=0)
@@ -134,17 +140,17 @@ if triton is not None:
 
 
 def _launch(x: torch.Tensor, words: torch.Tensor | None, index: torch.Tensor | None,
-            out: torch.Tensor | None) -> torch.Tensor:
+            out: torch.Tensor | None, act: bool = True) -> torch.Tensor:
     if triton is None:
-        raise RuntimeError("silu_and_mul Triton kernel: triton is not installed")
-    if x.ndim != 2 or x.shape[-1] % 2 or x.stride(-1) != 1:
-        raise ValueError(f"silu_and_mul: x must be [tokens, 2 * intermediate] with contiguous rows, got "
-                         f"{tuple(x.shape)} strides {x.stride()}")
-    tokens, d = x.shape[0], x.shape[1] // 2
+        raise RuntimeError("masked activation Triton kernel: triton is not installed")
+    if x.ndim != 2 or (act and x.shape[-1] % 2) or x.stride(-1) != 1:
+        raise ValueError(f"masked activation: x must be [tokens, {'2 * ' if act else ''}intermediate] with "
+                         f"contiguous rows, got {tuple(x.shape)} strides {x.stride()}")
+    tokens, d = x.shape[0], x.shape[1] // 2 if act else x.shape[1]
     if out is None:
         out = torch.empty((tokens, d), dtype=x.dtype, device=x.device)
     elif out.shape != (tokens, d) or out.stride(-1) != 1 or out.dtype != x.dtype:
-        raise ValueError(f"silu_and_mul: out must be {x.dtype} [{tokens}, {d}] with contiguous rows, got "
+        raise ValueError(f"masked activation: out must be {x.dtype} [{tokens}, {d}] with contiguous rows, got "
                          f"{out.dtype} {tuple(out.shape)}")
     if tokens == 0:
         return out
@@ -152,15 +158,15 @@ def _launch(x: torch.Tensor, words: torch.Tensor | None, index: torch.Tensor | N
     if masked:
         if words.dtype != torch.int32 or words.ndim != 2 or words.shape[1] < words_per_row(d) or \
                 words.stride(-1) != 1:
-            raise ValueError(f"silu_and_mul_masked: words must be int32 [rows, >= {words_per_row(d)}], got "
+            raise ValueError(f"masked activation: words must be int32 [rows, >= {words_per_row(d)}], got "
                              f"{words.dtype} {tuple(words.shape)}")
         if index.dtype not in (torch.int32, torch.int64) or index.shape[0] < tokens:
-            raise ValueError(f"silu_and_mul_masked: index must be int32/int64 [>= {tokens}], got "
+            raise ValueError(f"masked activation: index must be int32/int64 [>= {tokens}], got "
                              f"{index.dtype} {tuple(index.shape)}")
     grid = (tokens, triton.cdiv(d, BLOCK))
-    _silu_and_mul_kernel[grid](
+    _masked_act_kernel[grid](
         x, out, words if masked else x, index if masked else x, d, x.stride(0), out.stride(0),
-        words.stride(0) if masked else 0, BLOCK=BLOCK, MASKED=masked,
+        words.stride(0) if masked else 0, BLOCK=BLOCK, ACT=act, MASKED=masked,
     )
     return out
 
@@ -176,6 +182,21 @@ def silu_and_mul_masked_triton(x: torch.Tensor, words: torch.Tensor, index: torc
 def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The same kernel with the mask compiled out: the fair unmasked baseline for the benchmark."""
     return _launch(x, None, None, out)
+
+
+def mask_triton(x: torch.Tensor, words: torch.Tensor, index: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """`x * keep_bit` in one pass over x (the same kernel without the activation): the mask on the input of
+    `down_proj`, where the engine applies it on CUDA."""
+    return _launch(x, words, index, out, act=False)
+
+
+def apply_mask(x: torch.Tensor, words: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Each token of `x` ([tokens, width]) times its keep bits: the Triton kernel on CUDA, the torch path (the byte
+    table, fastest on CPU) elsewhere. The same values either way (a multiply by 0 or 1)."""
+    if x.is_cuda and triton is not None:
+        return mask_triton(x, words, index)
+    return x * keep_rows(words, index[: x.shape[0]], x.shape[1], x.dtype)
 
 
 def triton_available() -> bool:

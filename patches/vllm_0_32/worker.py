@@ -1,8 +1,8 @@
 """Worker side for vLLM 0.32: mask tables next to the model, one per-token slot index filled before each step.
 
 After the weights are loaded, every decoder layer's `down_proj` gets a subclass whose forward first multiplies its
-input (the SiluAndMul output) by the token's row of `words[layer]`, expanded from the resident bits
-(`kernels.keep_rows`). Both tensors are allocated once and updated in place, so the same code is right in eager
+input (the SiluAndMul output) by the token's row of `words[layer]`, read from the resident bits
+(`kernels.apply_mask`: a Triton kernel on CUDA, torch elsewhere). Both tensors are allocated once and updated in place, so the same code is right in eager
 mode, under torch.compile and inside CUDA graphs. Before each step,
 after vLLM has ordered the batch, the per-request slots are expanded to per-token indices on the host and copied
 to the device without a sync, through the same kind of buffer vLLM uses for its own inputs.
@@ -21,7 +21,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
 from depn_serve.core.arch import SERVABLE_MODEL_TYPES
-from depn_serve.serving.kernels import keep_rows
+from depn_serve.serving.kernels import apply_mask
 from depn_serve.serving.request import tenant_of
 from depn_serve.serving.slots import MaskSlots
 
@@ -55,7 +55,6 @@ class WorkerMasks:
             down.__class__ = _masked_class(type(down))
             down.register_buffer("depn_words", self.slots.words[layer], persistent=False)
             down.register_buffer("depn_index", self.index.gpu, persistent=False)
-            down.depn_width = width
         logger.info(
             "depn-serve: masking %d layers (intermediate shard %d:%d), %d mask slots",
             len(downs), start, start + width, num_slots,
@@ -118,8 +117,7 @@ def _masked_class(cls: type) -> type:
     if cls not in _MASKED:
 
         def forward(self, input_):
-            rows = keep_rows(self.depn_words, self.depn_index[: input_.shape[0]], self.depn_width, input_.dtype)
-            return cls.forward(self, input_ * rows)
+            return cls.forward(self, apply_mask(input_, self.depn_words, self.depn_index))
 
         _MASKED[cls] = type(f"DepnMasked{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
     return _MASKED[cls]

@@ -108,6 +108,13 @@ def test_the_torch_path_reads_only_the_first_tokens_of_a_longer_index_buffer():
     assert torch.equal(k.silu_and_mul_masked_torch(x, words, index), expected)
 
 
+def test_apply_mask_off_cuda_is_the_torch_product():
+    off, words = _table(70)
+    x = torch.randn(4, 70, dtype=torch.bfloat16)
+    index = torch.tensor([3, 0, 1, 2, 9, 9], dtype=torch.int32)  # longer than the batch, like the engine's buffer
+    assert torch.equal(k.apply_mask(x, words, index), x * torch.from_numpy(~off)[[3, 0, 1, 2]].to(torch.bfloat16))
+
+
 def test_the_torch_path_traces_as_one_graph():
     """No data-dependent Python (no .item(), no branching on values): dynamo traces it without a graph break."""
     off, words = _table(100)
@@ -120,7 +127,7 @@ def test_the_torch_path_traces_as_one_graph():
 def _interpreter_checks() -> None:
     """Run in a subprocess with TRITON_INTERPRET=1 (see the module docstring); prints a JSON summary."""
     torch.set_num_threads(1)
-    kernel = type(k._silu_and_mul_kernel).__name__
+    kernel = type(k._masked_act_kernel).__name__
     assert kernel == "InterpretedFunction", f"triton is not in interpreter mode: the kernel is a {kernel}"
     tolerance = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
     cases = 0
@@ -144,6 +151,8 @@ def _interpreter_checks() -> None:
                 reference = F.silu(x[:, :width]) * x[:, width:]
                 torch.testing.assert_close(plain, reference, rtol=rtol, atol=atol)
                 torch.testing.assert_close(masked, k.silu_and_mul_masked_torch(x, words, index), rtol=rtol, atol=atol)
+                # The mask alone (on down_proj's input, as the engine applies it on CUDA): exact, a multiply by 0/1.
+                assert torch.equal(k.mask_triton(x[:, :width], words, index), x[:, :width] * keep)
                 cases += 1
     print(json.dumps({"kernel": kernel, "cases": cases}))
 
@@ -175,7 +184,8 @@ def test_the_kernel_benchmark_runs_on_cpu_in_the_interpreter(tmp_path):
     assert [r["tokens"] for r in report["results"]] == [1, 4]
     assert report["memory_bytes"] == {"packed_bits": 8 * 32 * 3 * 4, "bf16_rows": 8 * 32 * 96 * 2}
     for result in report["results"]:
-        assert set(result["median_us"]) == {"triton_unmasked", "triton_masked", "torch_unmasked", "torch_current"}
+        assert set(result["median_us"]) == {"triton_unmasked", "triton_masked", "triton_mask", "torch_unmasked",
+                                            "torch_bits", "torch_rows"}
         assert result["ratio_ci95"][0] <= result["ratio_mean"] <= result["ratio_ci95"][1]
 
 
@@ -185,3 +195,35 @@ def test_the_kernels_and_the_benchmark_import_without_vllm_pydantic_or_triton():
             "import depn_serve.serving.kernels as k, depn_serve.bench.kernel; assert not k.triton_available()")
     done = _run(["-c", code])
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where the device tool lends one)")
+def test_the_cuda_mask_kernel_compiles_and_replays_in_a_cuda_graph():
+    """The engine's CUDA path as vLLM runs it: `apply_mask` inside a compiled forward (inductor), captured in a CUDA
+    graph, with the index buffer updated in place between replays."""
+    off, words_np = _table(14336, rows=66)
+    words = words_np.cuda()
+    index = torch.zeros(64, dtype=torch.int32, device="cuda")
+    weight = torch.randn(512, 14336, device="cuda", dtype=torch.bfloat16) / 100
+    x = torch.randn(64, 14336, device="cuda", dtype=torch.bfloat16)
+
+    def down(inp):
+        return F.linear(k.apply_mask(inp, words, index), weight)
+
+    def reference():
+        masked_input = x * k.keep_rows(words, index, 14336, x.dtype)
+        return F.linear(masked_input, weight), masked_input
+
+    compiled = torch.compile(down, fullgraph=True)
+    for _ in range(3):
+        compiled(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(x)
+    for seed in range(3):
+        index.copy_(torch.randint(0, 66, (64,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        want, masked_input = reference()
+        assert torch.equal(k.apply_mask(x, words, index), masked_input)
+        torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
