@@ -16,19 +16,21 @@ def _setting(name: str, **kwargs):
     return setting(BenchSettings, name.replace("-", "_"), **kwargs)
 
 
+def _model_shape(command):
+    """The bench model's shape and dtype options (the engine benchmarks share them)."""
+    for name in ("dtype", "vocab", "kv-heads", "heads", "intermediate", "layers", "hidden"):
+        command = _setting(name, **({"type": click.Choice(["bfloat16", "float32"])} if name == "dtype" else {}))(
+            command)
+    return command
+
+
 @click.group()
 def bench() -> None:
     """Benchmarks (figures for the docs, not tests)."""
 
 
 @bench.command("serving")
-@_setting("hidden")
-@_setting("layers")
-@_setting("intermediate")
-@_setting("heads")
-@_setting("kv-heads")
-@_setting("vocab")
-@_setting("dtype", type=click.Choice(["bfloat16", "float32"]))
+@_model_shape
 @click.option("--eager/--compile", default=False, show_default=True, help="enforce_eager, or vLLM's torch.compile")
 @_setting("rounds")
 @_setting("batch")
@@ -59,15 +61,10 @@ def serving(json_path: Path | None, markdown_path: Path | None, **options) -> No
 
 
 @bench.command("ratio")
-@_setting("hidden")
-@_setting("layers")
-@_setting("intermediate")
-@_setting("heads")
-@_setting("kv-heads")
-@_setting("vocab")
-@_setting("dtype", type=click.Choice(["bfloat16", "float32"]))
+@_model_shape
 @click.option("--rounds", default=40, show_default=True, type=click.IntRange(min=2), help="paired rounds")
-@_setting("batch")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1),
+              help="prompts per run, one tenant each (64: as many distinct masks in the batch as --tenants)")
 @_setting("prompt-tokens")
 @click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(min=2),
               help="output tokens per prompt")
