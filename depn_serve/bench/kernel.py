@@ -212,8 +212,8 @@ def markdown(results: list[KernelTiming], memory: dict[str, int], masks: int, la
         m = r.median_us
         lines.append(
             f"| {r.tokens} | {m['triton_unmasked']:.2f} | {m['triton_masked']:.2f} | {m['triton_mask']:.2f} | "
-            f"{m['torch_unmasked']:.2f} | "
-            f"{m['torch_bits']:.2f} | {m['torch_rows']:.2f} | {r.ratio_mean:.3f} ({r.ratio_ci95[0]:.3f}–{r.ratio_ci95[1]:.3f}) | "
+            f"{m['torch_unmasked']:.2f} | {m['torch_bits']:.2f} | {m['torch_rows']:.2f} | "
+            f"{r.ratio_mean:.3f} ({r.ratio_ci95[0]:.3f}–{r.ratio_ci95[1]:.3f}) | "
             f"{r.masked_gbps:.1f} | {r.unmasked_gbps:.1f} | {r.identical_fraction:.4%} |")
     lines.append("")
     lines.append(f"Masks on the device for {masks:,} masks x {layers} layers x {intermediate:,} neurons: packed bits "

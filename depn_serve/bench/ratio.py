@@ -16,6 +16,7 @@ import math
 import os
 import random
 import statistics
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -104,8 +105,6 @@ def run_paired_ratio(settings: BenchSettings, work_dir: Path,
                   for i in range(settings.batch)]
 
         def timed(masking: bool) -> tuple[float, int]:
-            import time
-
             llm.collective_rpc("depn_set_masking", args=(masking,))
             start = time.perf_counter()
             outputs = llm.generate(prompts, params, use_tqdm=False)

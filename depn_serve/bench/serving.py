@@ -47,7 +47,8 @@ class BenchSettings(_Frozen):
     batch: int = Field(32, ge=1, description="prompts per run")
     prompt_tokens: int = Field(32, ge=1)
     max_tokens: int = Field(128, ge=2, description="output tokens per prompt")
-    tenants: int = Field(64, ge=1, le=1024, description="distinct masks in (c), at most the 1,024 default mask slots")
+    tenants: int = Field(64, ge=1, le=1024,
+                         description="distinct masks in (c), at most the 1,024 default mask slots")
     mask_fraction: float = Field(0.01, gt=0, lt=1)
     seed: int = 0
 

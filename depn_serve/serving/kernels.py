@@ -10,11 +10,12 @@ Device format (`words`): int32 `[rows, ceil(intermediate / 32)]`; bit j (little 
 `index`: int32 `[tokens]`, the row of each token. Callers reserve row `IDENTITY_ROW` (all kept) and row
 `DENY_ROW` (all off); `reserved_words` builds both.
 
-Two implementations of the same product, `silu(gate) * up * keep_bit` in x's dtype, with silu rounded to x's dtype
-before the multiply (vLLM's CUDA `silu_and_mul` and torch's `F.silu(g) * u` both do):
-`silu_and_mul_masked_torch` (the reference; the serving path expands rows with `keep_rows` the same way) and
-`silu_and_mul_masked_triton` (timed on a GPU by `depn_serve.bench.kernel`; not yet in the serving path). Triton is optional: this module imports without it
-(and without vLLM), and TRITON_INTERPRET=1 runs the kernel on CPU tensors in tests.
+Two implementations of each product: `silu(gate) * up * keep_bit` (silu rounded to x's dtype before the multiply,
+as vLLM's CUDA `silu_and_mul` and torch's `F.silu(g) * u` do) and the mask alone, `x * keep_bit`. The torch path
+(`keep_rows`, `silu_and_mul_masked_torch`) is the reference and what runs off CUDA; the Triton kernel
+(`silu_and_mul_masked_triton`, `mask_triton`) runs on CUDA. The engine calls `apply_mask` on `down_proj`'s input;
+the fused form is timed by `depn_serve.bench.kernel` but not yet in the engine. Triton is optional: this module
+imports without it (and without vLLM), and TRITON_INTERPRET=1 runs the kernel on CPU tensors in tests.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 After the weights are loaded, every decoder layer's `down_proj` gets a subclass whose forward first multiplies its
 input (the SiluAndMul output) by the token's row of `words[layer]`, read from the resident bits
-(`kernels.apply_mask`: a Triton kernel on CUDA, torch elsewhere). Both tensors are allocated once and updated in place, so the same code is right in eager
-mode, under torch.compile and inside CUDA graphs. Before each step,
-after vLLM has ordered the batch, the per-request slots are expanded to per-token indices on the host and copied
-to the device without a sync, through the same kind of buffer vLLM uses for its own inputs.
+(`kernels.apply_mask`: a Triton kernel on CUDA, torch elsewhere). Both tensors are allocated once and updated in
+place, so the same code is right in eager mode, under torch.compile and inside CUDA graphs. Before each step, after
+vLLM has ordered the batch, the per-request slots are expanded to per-token indices on the host and copied to the
+device without a sync, through the same kind of buffer vLLM uses for its own inputs.
 """
 
 from __future__ import annotations
