@@ -88,3 +88,24 @@ def http_status(url: str, key: str | None, path: str = "/v1/models", method: str
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+def generate_as_tenants(llm, offs: dict, asks: list[tuple[str | None, str]], max_tokens: int) -> list:
+    """Bind each tenant's off mask in a `vllm.LLM` built with depn-serve's engine kwargs, then answer every
+    (tenant or None, prompt) of `asks` greedily in one batch; the engine is shut down after."""
+    import gc
+
+    from vllm import SamplingParams
+
+    from depn_serve.artifacts.mask import pack_bits
+
+    try:
+        for tenant, off in offs.items():
+            llm.collective_rpc("depn_bind", args=(tenant, tenant, pack_bits(off).tobytes()))
+        params = [SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                                 extra_args={"depn_tenant": t} if t else None) for t, _ in asks]
+        return llm.generate([p for _, p in asks], params, use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()

@@ -1,13 +1,16 @@
-"""The masked / plain throughput ratio on one engine: the same weights, the same batch, masking switched on and off
-between runs, many times, so the machine's drift hits both sides of every pair.
+"""The masked / plain throughput ratio on one engine: the same weights and batches, masking switched on and off
+between forward steps, so the machine's drift hits both sides of every pair.
 
-Three separate engines (`depn bench serving`) differ by more than the effect between rounds on a shared machine.
-Here the worker's masked layers go back to vLLM's own class and again (`depn_set_masking`) between `generate`
-calls; each round times both, in a random order, on the same prompts (prefix caching off, so neither reuses the
-other's KV), and the round's ratio is plain seconds / masked seconds (masked throughput as a fraction of plain).
-The reported ratio is the mean over rounds with a 95 % confidence interval (t distribution). The engine runs eager:
-a compiled graph keeps the forward it was traced with, so this measures the masked op as separate kernels, which
-bounds what torch.compile's fusion can cost.
+Three separate engines (`depn bench serving`) differ by more than the effect between rounds on a shared machine,
+and so do whole runs timed one after the other. Here the worker switches its masked modules to vLLM's own class
+and back before each step (`depn_pair_steps`) and times the step (`execute_model`: inputs, forward, logits). The
+steps of each batch shape go masked, plain, plain, masked, ...; each two in a row of one shape are a pair, the same
+work a fraction of a second apart. The ratio is the paired plain seconds over the paired masked seconds (so a
+prefill pair weighs by its time, not its count), with a 95 % interval from the ratio estimator's standard error (t
+distribution); each shape's own ratio is listed too. Scheduling, sampling and detokenizing are the same on both
+sides and outside the timed step, so this is the forward pass's ratio, which bounds the end-to-end one from below.
+The engine runs eager: a compiled graph keeps the forward it was traced with, so this measures the masked op as
+separate kernels, which bounds what torch.compile's fusion can cost.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import math
 import os
 import random
 import statistics
-import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -27,26 +29,32 @@ from pydantic import BaseModel, ConfigDict, Field
 from depn_serve.bench.serving import BenchSettings, build_model_dir, tenant_masks
 
 
-class PairedRound(BaseModel):
+class StepPair(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    round: int
+    tokens: int = Field(description="tokens in both steps' batch")
     plain_s: float
     masked_s: float
-    output_tokens: int
 
-    @property
-    def ratio(self) -> float:
-        return self.plain_s / self.masked_s
+
+class Shape(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens: int
+    pairs: int
+    ratio: float
+    ci95: tuple[float, float]
+    plain_ms: float = Field(description="median plain step")
 
 
 class PairedRatio(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     settings: BenchSettings
-    rounds: list[PairedRound]
-    ratio: float = Field(description="mean over rounds of plain seconds / masked seconds")
+    pairs: list[StepPair]
+    ratio: float = Field(description="summed plain seconds / summed masked seconds over all pairs")
     ci95: tuple[float, float]
+    shapes: list[Shape] = Field(description="the same per batch shape (token count)")
     depn_status: dict[str, Any] = Field(description="the worker's mask slots after the last masked run")
 
     @property
@@ -55,32 +63,72 @@ class PairedRatio(BaseModel):
 
     def markdown(self) -> str:
         s = self.settings
-        return (
+        lines = [
             f"Llama shape hidden {s.hidden}, {s.layers} layers, intermediate {s.intermediate}, {s.dtype}, eager; "
-            f"batch {s.batch} x ({s.prompt_tokens} prompt + {s.max_tokens} output tokens), {s.tenants} distinct "
-            f"masks ({s.mask_fraction:.0%} of neurons each); {len(self.rounds)} paired rounds on one engine.\n\n"
-            "| masked / plain throughput | 95 % CI | half-width | plain s (median) | masked s (median) |\n"
-            "|---:|---|---:|---:|---:|\n"
-            f"| {self.ratio:.4f} | {self.ci95[0]:.4f}–{self.ci95[1]:.4f} | {self.half_width:.2%} | "
-            f"{statistics.median(r.plain_s for r in self.rounds):.3f} | "
-            f"{statistics.median(r.masked_s for r in self.rounds):.3f} |\n"
-        )
+            f"{s.rounds} runs of {s.batch} prompts x ({s.prompt_tokens} prompt + {s.max_tokens} output tokens), "
+            f"{s.tenants} distinct masks ({s.mask_fraction:.0%} of neurons each); masking switched per step, "
+            f"{len(self.pairs)} step pairs.\n",
+            "| steps | pairs | masked / plain throughput | 95 % CI | half-width | plain step (median ms) |",
+            "|---|---:|---:|---|---:|---:|",
+            f"| all | {len(self.pairs)} | {self.ratio:.4f} | {self.ci95[0]:.4f}–{self.ci95[1]:.4f} | "
+            f"{self.half_width:.2%} | |",
+        ]
+        for shape in self.shapes:
+            lines.append(f"| {shape.tokens} tokens | {shape.pairs} | {shape.ratio:.4f} | {shape.ci95[0]:.4f}–"
+                         f"{shape.ci95[1]:.4f} | {(shape.ci95[1] - shape.ci95[0]) / 2:.2%} | {shape.plain_ms:.1f} |")
+        return "\n".join(lines) + "\n"
 
 
-def ci95(values: list[float]) -> tuple[float, float]:
-    """Mean ± t(0.975, n-1) · sd / √n."""
+def ratio_ci95(pairs: list[StepPair]) -> tuple[float, tuple[float, float]]:
+    """R = sum(plain) / sum(masked) and R ± t(0.975, n-1) · se, with se from the linearized residuals
+    plain - R · masked (the ratio estimator's usual standard error)."""
     from scipy import stats
 
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, mean
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean - half, mean + half
+    plain = [p.plain_s for p in pairs]
+    masked = [p.masked_s for p in pairs]
+    ratio = sum(plain) / sum(masked)
+    n = len(pairs)
+    if n < 2:
+        return ratio, (ratio, ratio)
+    residual = [a - ratio * b for a, b in zip(plain, masked)]
+    se = math.sqrt(sum(r * r for r in residual) / (n * (n - 1))) / statistics.fmean(masked)
+    half = stats.t.ppf(0.975, n - 1) * se
+    return ratio, (ratio - half, ratio + half)
+
+
+def pair_up(steps: list[tuple[int, bool, float]]) -> list[StepPair]:
+    """The worker's timed steps -> pairs: each two in a row of one token count (one masked, one plain); a count's
+    last step without a partner is left out."""
+    by_tokens: dict[int, list[tuple[bool, float]]] = {}
+    for tokens, masked, seconds in steps:
+        by_tokens.setdefault(tokens, []).append((masked, seconds))
+    pairs = []
+    for tokens, seq in by_tokens.items():
+        for first, second in zip(seq[0::2], seq[1::2]):
+            if first[0] == second[0]:
+                raise RuntimeError(f"steps of {tokens} tokens did not alternate: {first}, {second}")
+            plain, masked = (first, second) if second[0] else (second, first)
+            pairs.append(StepPair(tokens=tokens, plain_s=plain[1], masked_s=masked[1]))
+    return pairs
+
+
+def summarize(settings: BenchSettings, pairs: list[StepPair], status: dict[str, Any]) -> PairedRatio:
+    if not pairs:
+        raise RuntimeError("no step pairs were timed")
+    ratio, ci = ratio_ci95(pairs)
+    shapes = []
+    for tokens in sorted({p.tokens for p in pairs}):
+        of_shape = [p for p in pairs if p.tokens == tokens]
+        shape_ratio, shape_ci = ratio_ci95(of_shape)
+        shapes.append(Shape(tokens=tokens, pairs=len(of_shape), ratio=shape_ratio, ci95=shape_ci,
+                            plain_ms=1000 * statistics.median(p.plain_s for p in of_shape)))
+    return PairedRatio(settings=settings, pairs=pairs, ratio=ratio, ci95=ci, shapes=shapes, depn_status=status)
 
 
 def run_paired_ratio(settings: BenchSettings, work_dir: Path,
-                     on_round: Callable[[PairedRound, bool], None] = lambda r, w: None) -> PairedRatio:
-    """One eager engine with `settings.tenants` masks bound; one warm-up round, then `settings.rounds` pairs."""
+                     on_run: Callable[[int, list[StepPair]], None] = lambda n, p: None) -> PairedRatio:
+    """One eager engine with `settings.tenants` masks bound; one warm-up run, then `settings.rounds` runs whose
+    steps alternate masked and plain. `on_run(run, pairs so far)` after each."""
     import depn_serve_patches
     import vllm
 
@@ -103,26 +151,15 @@ def run_paired_ratio(settings: BenchSettings, work_dir: Path,
         params = [vllm.SamplingParams(max_tokens=settings.max_tokens, temperature=0, ignore_eos=True,
                                       extra_args=MaskRequest(names[i % len(names)]).to_extra_args())
                   for i in range(settings.batch)]
-
-        def timed(masking: bool) -> tuple[float, int]:
-            llm.collective_rpc("depn_set_masking", args=(masking,))
-            start = time.perf_counter()
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outputs)
-
-        rounds = []
-        for number in range(settings.rounds + 1):
-            order = [True, False] if rng.random() < 0.5 else [False, True]
-            seconds = {masking: timed(masking) for masking in order}
-            paired = PairedRound(round=number, plain_s=seconds[False][0], masked_s=seconds[True][0],
-                                 output_tokens=seconds[True][1])
-            on_round(paired, number == 0)
-            if number > 0:
-                rounds.append(paired)
-        llm.collective_rpc("depn_set_masking", args=(True,))
+        llm.generate(prompts, params, use_tqdm=False)  # warm-up, masked
+        steps: list[tuple[int, bool, float]] = []
+        llm.collective_rpc("depn_pair_steps", args=(True,))
+        for run in range(1, settings.rounds + 1):
+            llm.generate(prompts, params, use_tqdm=False)
+            steps += llm.collective_rpc("depn_pair_steps", args=(True,))[0]
+            on_run(run, pair_up(steps))
+        llm.collective_rpc("depn_pair_steps", args=(False,))
         status = llm.collective_rpc("depn_status")[0]
     if status["loads"] < min(settings.tenants, settings.batch) or status["overflows"] or status["unknown"]:
         raise RuntimeError(f"masks were not applied as intended: {status}")
-    ratios = [r.ratio for r in rounds]
-    return PairedRatio(settings=settings, rounds=rounds, ratio=statistics.fmean(ratios), ci95=ci95(ratios),
-                       depn_status=status)
+    return summarize(settings, pair_up(steps), status)

@@ -62,7 +62,8 @@ def serving(json_path: Path | None, markdown_path: Path | None, **options) -> No
 
 @bench.command("ratio")
 @_model_shape
-@click.option("--rounds", default=40, show_default=True, type=click.IntRange(min=2), help="paired rounds")
+@click.option("--rounds", default=20, show_default=True, type=click.IntRange(min=1),
+              help="runs of the batch, each step of which is half a pair")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1),
               help="prompts per run, one tenant each (64: as many distinct masks in the batch as --tenants)")
 @_setting("prompt-tokens")
@@ -73,16 +74,17 @@ def serving(json_path: Path | None, markdown_path: Path | None, **options) -> No
 @_setting("seed")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="write the result here")
 def ratio(json_path: Path | None, **options) -> None:
-    """Masked / plain throughput on one engine, masking switched on and off between runs: the ratio with its 95 %
-    confidence interval (the machine's drift hits both sides of every pair)."""
-    from depn_serve.bench.ratio import PairedRound, run_paired_ratio
+    """Masked / plain throughput on one engine, masking switched on and off between forward steps: the ratio with its
+    95 % confidence interval (the machine's drift hits both sides of every pair)."""
+    from depn_serve.bench.ratio import StepPair, run_paired_ratio, summarize
     from depn_serve.core.fileio import atomic_write_text
 
     settings = BenchSettings(**options, eager=True)
 
-    def report(r: PairedRound, warm_up: bool) -> None:
-        tag = "warm-up" if warm_up else f"round {r.round}/{settings.rounds}"
-        console.print(f"{tag:>12}  plain {r.plain_s:.3f} s  masked {r.masked_s:.3f} s  ratio {r.ratio:.4f}")
+    def report(run: int, pairs: list[StepPair]) -> None:
+        so_far = summarize(settings, pairs, {})
+        console.print(f"run {run:>3}/{settings.rounds}  {len(pairs)} pairs  ratio {so_far.ratio:.4f}  95 % CI "
+                      f"{so_far.ci95[0]:.4f}–{so_far.ci95[1]:.4f}")
 
     with tempfile.TemporaryDirectory(prefix="depn-bench-") as work:
         result = run_paired_ratio(settings, Path(work), report)
@@ -91,13 +93,35 @@ def ratio(json_path: Path | None, **options) -> None:
     click.echo(result.markdown())
 
 
+@bench.command("capacity")
+@click.option("--layers", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--intermediate", default=14336, show_default=True, type=click.IntRange(min=1),
+              help="neurons per layer (defaults: Llama-3-8B)")
+@click.option("--masks", default=10000, show_default=True, type=click.IntRange(min=1),
+              help="tenants, each with its own random mask")
+@click.option("--slots", type=click.IntRange(min=1), help="resident slots  [default: --masks]")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1), help="tenants per step")
+@click.option("--device", default="cpu", show_default=True, help="where the table lives (cpu, cuda)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="write the result here")
+def capacity(json_path: Path | None, **options) -> None:
+    """Resident masks: the device table's size against bf16 rows, and the loads of a first and a steady round."""
+    from depn_serve.bench.capacity import run_capacity
+    from depn_serve.core.fileio import atomic_write_text
+
+    with console.status(f"{options['masks']:,} masks"):
+        report = run_capacity(**options)
+    if json_path:
+        atomic_write_text(json_path, report.model_dump_json(indent=2) + "\n")
+    click.echo(report.markdown())
+
+
 @bench.command("mlp")
 @click.option("--hidden", default=4096, show_default=True)
 @click.option("--intermediate", default=14336, show_default=True)
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--tokens", default="32,256", show_default=True, help="token counts (decode batch, prefill chunk)")
 def mlp(hidden: int, intermediate: int, dtype: str, tokens: str) -> None:
-    """One MLP with and without the per-token mask (resident bits expanded, multiply; defaults: Llama-3-8B shape)."""
+    """One MLP with and without the per-token mask (the engine's CPU op; defaults: Llama-3-8B shape)."""
     from depn_serve.bench.mlp import mlp_overhead
 
     counts = tuple(int(t) for t in tokens.split(","))

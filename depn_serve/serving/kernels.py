@@ -1,4 +1,5 @@
-"""SiluAndMul with each token's neuron mask applied in the same pass, with the masks kept on the device as bits.
+"""The neuron masks on the device as bits, and the ops that apply them to each token: a Triton kernel for GPUs
+(SiluAndMul and the mask in one pass, or the mask alone) and a torch path for everything else.
 
 Why bits: a bf16 keep row costs 2 bytes per neuron, so 10,000 tenants x 32 layers x 14,336 neurons is 9.2 GB; as
 bits it is 0.57 GB, small enough to keep every bound mask resident. Why fused: the mask is then read as 1/16 of
@@ -10,15 +11,18 @@ Device format (`words`): int32 `[rows, ceil(intermediate / 32)]`; bit j (little 
 `index`: int32 `[tokens]`, the row of each token. Callers reserve row `IDENTITY_ROW` (all kept) and row
 `DENY_ROW` (all off); `reserved_words` builds both.
 
-Two implementations of each product: `silu(gate) * up * keep_bit` (silu rounded to x's dtype before the multiply,
-as vLLM's CUDA `silu_and_mul` and torch's `F.silu(g) * u` do) and the mask alone, `x * keep_bit`. The torch path
-(`keep_rows`, `silu_and_mul_masked_torch`) is the reference and what runs off CUDA; the Triton kernel
-(`silu_and_mul_masked_triton`, `mask_triton`) runs on CUDA. The engine calls `apply_mask` on `down_proj`'s input;
-the fused form is timed by `depn_serve.bench.kernel` but not yet in the engine. Triton is optional: this module
-imports without it (and without vLLM), and TRITON_INTERPRET=1 runs the kernel on CPU tensors in tests.
+Backends (`select_backend`): "triton" (`silu_and_mul_masked_triton` in place of SiluAndMul, `mask_triton` for the
+mask alone) on CUDA; "torch" elsewhere (`mask_bits_`: each 16 bits of a token's row look up their 16 lanes in a
+table and are ANDed into the activation's bits in place, one custom op, opaque to torch.compile because inductor's
+own gather code is several times slower on CPU). `keep_rows` (0/1 rows) and `silu_and_mul_masked_torch` are the
+plain reference the others are tested against. Triton is optional: this module imports without it (and without
+vLLM), and TRITON_INTERPRET=1 runs the kernel on CPU tensors in tests.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Literal
 
 import numpy as np
 import torch
@@ -110,6 +114,49 @@ def silu_and_mul_masked_torch(x: torch.Tensor, words: torch.Tensor, index: torch
     return F.silu(x[:, :d]) * x[:, d:] * keep_rows(words, index[: x.shape[0]], d, x.dtype)
 
 
+def keep_table(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """`[65536, 16]` AND masks for `mask_bits_`: row v holds, for each bit j of the 16-bit value v, all ones (keep)
+    or zero (off) as a signed integer as wide as `dtype` (2 MB for bf16/fp16)."""
+    lanes = {2: torch.int16, 4: torch.int32}.get(torch.empty((), dtype=dtype).element_size())
+    if lanes is None or not dtype.is_floating_point:
+        raise ValueError(f"keep_table: masks apply to 16- or 32-bit float activations, not {dtype}")
+    value = torch.arange(1 << 16, dtype=torch.int32, device=device)
+    return (-((value.unsqueeze(-1) >> torch.arange(16, dtype=torch.int32, device=device)) & 1)).to(lanes)
+
+
+def _mask_bits(x: torch.Tensor, words: torch.Tensor, index: torch.Tensor, table: torch.Tensor) -> None:
+    if table.shape != (1 << 16, 16) or table.element_size() != x.element_size():
+        raise ValueError(f"mask_bits_: table must be keep_table({x.dtype}), got {table.dtype} {tuple(table.shape)}")
+    codes = words.index_select(0, index[: x.shape[0]]).view(torch.uint16).to(torch.int32)  # little-endian halves
+    x.view(table.dtype).bitwise_and_(F.embedding(codes, table).flatten(1)[:, : x.shape[1]])
+
+
+_mask_bits_op = torch.library.custom_op("depn_serve::mask_bits_", _mask_bits, mutates_args=("x",))
+_mask_bits_op.register_fake(lambda x, words, index, table: None)
+
+
+def mask_bits_(x: torch.Tensor, words: torch.Tensor, index: torch.Tensor, table: torch.Tensor) -> None:
+    """The torch path: `x[t] &= keep bits of row index[t]`, in place (`x`: `[tokens, width]`, `table` from
+    `keep_table(x.dtype)`). A dropped neuron becomes +0.0 (a multiply gives -0.0 for a negative value, and NaN for
+    an infinite one); every kept value is untouched. Under torch.compile it is one custom op; in eager mode the
+    function itself (the dispatcher would add ~25 us a call on CPU)."""
+    (_mask_bits_op if torch.compiler.is_compiling() else _mask_bits)(x, words, index, table)
+
+
+Backend = Literal["triton", "torch"]
+
+
+def select_backend(device: torch.device) -> Backend:
+    """Triton on CUDA, torch elsewhere. DEPN_MASK_BACKEND=triton|torch overrides it (triton off CUDA runs only in
+    Triton's interpreter: how the engine's Triton path is tested on CPU)."""
+    chosen = os.environ.get("DEPN_MASK_BACKEND") or ("triton" if device.type == "cuda" and triton is not None else "torch")
+    if chosen not in ("triton", "torch"):
+        raise ValueError(f"DEPN_MASK_BACKEND: expected 'triton' or 'torch', got {chosen!r}")
+    if chosen == "triton" and triton is None:
+        raise RuntimeError("DEPN_MASK_BACKEND=triton: triton is not installed")
+    return chosen
+
+
 if triton is not None:
 
     @triton.jit
@@ -188,16 +235,8 @@ def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> tor
 def mask_triton(x: torch.Tensor, words: torch.Tensor, index: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """`x * keep_bit` in one pass over x (the same kernel without the activation): the mask on the input of
-    `down_proj`, where the engine applies it on CUDA."""
+    `down_proj` where the MLP's activation is not vLLM's SiluAndMul."""
     return _launch(x, words, index, out, act=False)
-
-
-def apply_mask(x: torch.Tensor, words: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Each token of `x` ([tokens, width]) times its keep bits: the Triton kernel on CUDA, the torch path (the byte
-    table, fastest on CPU) elsewhere. The same values either way (a multiply by 0 or 1)."""
-    if x.is_cuda and triton is not None:
-        return mask_triton(x, words, index)
-    return x * keep_rows(words, index[: x.shape[0]], x.shape[1], x.dtype)
 
 
 def triton_available() -> bool:

@@ -123,13 +123,19 @@ def test_prefix_cache_is_never_shared_across_masks(engine, masks, reference, ci_
     assert want != list(plain.outputs[0].token_ids)
 
 
-def test_masking_switches_only_in_eager_engines(engine, request):
-    """`depn bench ratio` switches masking between runs; a compiled graph would keep the masked forward, so it is
-    refused there (and the refusal, raised in a collective_rpc, leaves the engine serving)."""
+def test_masking_switches_per_step_only_in_eager_engines(engine, request):
+    """`depn bench ratio` switches masking between forward steps; a compiled graph would keep the masked forward, so
+    it is refused there (and the refusal, raised in a collective_rpc, leaves the engine serving). In eager engines
+    the steps of each batch shape go masked, plain, plain, masked, and masking is on again after."""
+    status = engine.collective_rpc("depn_status")[0]
+    assert (status["backend"], status["masked_module"]) == ("torch", "RowParallelLinear")  # the CPU path
     if request.node.callspec.params["engine"] == "compiled":
         with pytest.raises(Exception, match="only in an eager engine"):
-            engine.collective_rpc("depn_set_masking", args=(False,))
+            engine.collective_rpc("depn_pair_steps", args=(True,))
     else:
-        engine.collective_rpc("depn_set_masking", args=(False,))
-        engine.collective_rpc("depn_set_masking", args=(True,))
+        engine.collective_rpc("depn_pair_steps", args=(True,))
+        _generate(engine, ["hello"] * 2, ["wide"] * 2)
+        steps = engine.collective_rpc("depn_pair_steps", args=(False,))[0]
+        decode = [masked for tokens, masked, seconds in steps if tokens == 2]
+        assert decode[:6] == [True, False, False, True, True, False] and all(s[2] > 0 for s in steps)
     assert _generate(engine, ["hello"], ["wide"])[0].outputs[0].token_ids

@@ -108,11 +108,43 @@ def test_the_torch_path_reads_only_the_first_tokens_of_a_longer_index_buffer():
     assert torch.equal(k.silu_and_mul_masked_torch(x, words, index), expected)
 
 
-def test_apply_mask_off_cuda_is_the_torch_product():
-    off, words = _table(70)
-    x = torch.randn(4, 70, dtype=torch.bfloat16)
-    index = torch.tensor([3, 0, 1, 2, 9, 9], dtype=torch.int32)  # longer than the batch, like the engine's buffer
-    assert torch.equal(k.apply_mask(x, words, index), x * torch.from_numpy(~off)[[3, 0, 1, 2]].to(torch.bfloat16))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", [1, 16, 70, 1030])
+def test_the_in_place_and_is_the_product_with_the_keep_row(dtype, width):
+    off, words = _table(width)
+    x = (torch.randn(4, width) * 4).to(dtype)
+    x[0, 0] = -3.0  # a dropped negative value becomes +0.0, where the product gives -0.0 (equal as numbers)
+    index = torch.tensor([1, 0, 2, 5, 9, 9], dtype=torch.int32)  # longer than the batch, like the engine's buffer
+    want = x * torch.from_numpy(~off)[[1, 0, 2, 5]].to(dtype)
+    k.mask_bits_(x, words, index, k.keep_table(dtype, "cpu"))
+    assert torch.equal(x, want) and x[0].eq(0).all()
+
+
+def test_the_in_place_and_refuses_a_table_for_another_width():
+    off, words = _table(40)
+    with pytest.raises(ValueError, match="keep_table"):
+        k.mask_bits_(torch.randn(2, 40), words, torch.zeros(2, dtype=torch.int32),
+                     k.keep_table(torch.bfloat16, "cpu"))
+    with pytest.raises(ValueError, match="16- or 32-bit float"):
+        k.keep_table(torch.int32, "cpu")
+
+
+def test_the_in_place_and_is_one_opaque_op_under_torch_compile():
+    """Inside vLLM's compiled forward the op stays one custom op (inductor's gather code is slower on CPU) and its
+    write to the activation is kept (it mutates its input, declared to the compiler)."""
+    off, words = _table(100)
+    table = k.keep_table(torch.float32, "cpu")
+    weight = torch.randn(8, 100)
+    index = torch.tensor([2, 3, 4, 5, 0], dtype=torch.int32)
+
+    def down(x):
+        x = x * 2
+        k.mask_bits_(x, words, index, table)
+        return F.linear(x, weight)
+
+    x = torch.randn(5, 100)
+    want = F.linear(x * 2 * torch.from_numpy(~off)[[2, 3, 4, 5, 0]].float(), weight)
+    torch.testing.assert_close(torch.compile(down, fullgraph=True, dynamic=True)(x), want)
 
 
 def test_the_torch_path_traces_as_one_graph():
@@ -199,8 +231,8 @@ def test_the_kernels_and_the_benchmark_import_without_vllm_pydantic_or_triton():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where the device tool lends one)")
 def test_the_cuda_mask_kernel_compiles_and_replays_in_a_cuda_graph():
-    """The engine's CUDA path as vLLM runs it: `apply_mask` inside a compiled forward (inductor), captured in a CUDA
-    graph, with the index buffer updated in place between replays."""
+    """The engine's CUDA path for the mask alone as vLLM runs it: `mask_triton` inside a compiled forward
+    (inductor), captured in a CUDA graph, with the index buffer updated in place between replays."""
     off, words_np = _table(14336, rows=66)
     words = words_np.cuda()
     index = torch.zeros(64, dtype=torch.int32, device="cuda")
@@ -208,7 +240,7 @@ def test_the_cuda_mask_kernel_compiles_and_replays_in_a_cuda_graph():
     x = torch.randn(64, 14336, device="cuda", dtype=torch.bfloat16)
 
     def down(inp):
-        return F.linear(k.apply_mask(inp, words, index), weight)
+        return F.linear(k.mask_triton(inp, words, index), weight)
 
     def reference():
         masked_input = x * k.keep_rows(words, index, 14336, x.dtype)
@@ -225,5 +257,5 @@ def test_the_cuda_mask_kernel_compiles_and_replays_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         want, masked_input = reference()
-        assert torch.equal(k.apply_mask(x, words, index), masked_input)
+        assert torch.equal(k.mask_triton(x, words, index), masked_input)
         torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)

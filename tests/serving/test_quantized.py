@@ -10,7 +10,6 @@ switched off before that (`masked`'s hook runs before the layer's forward).
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from depn_serve.artifacts.mask import MaskProvenance, NeuronMask, first_n, pack_bits, random_order
+from depn_serve.artifacts.mask import MaskProvenance, NeuronMask, first_n, random_order
 from depn_serve.core.arch import load_model, mlp_shape, read_config
 from depn_serve.core.fingerprint import model_fingerprint
 from depn_serve.core.records import load_records
@@ -29,6 +28,7 @@ from depn_serve.editing import masked
 from depn_serve.serving.client import AdminClient
 from depn_serve.serving.process import SMALL_CPU_OPTIONS, ServerProcess
 from depn_serve.serving.server.tenants import TenantsConfig
+from tests.helpers import generate_as_tenants
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +93,7 @@ def _greedy(model, ids: torch.Tensor, mask: torch.Tensor | None) -> list[int]:
 def test_masks_on_a_w8a8_checkpoint_match_the_dequantized_reference(ci_testbed, w8a8):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import depn_serve_patches
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     model_dir = ci_testbed / "model"
     dims = mlp_shape(read_config(model_dir)).dims
@@ -104,15 +104,7 @@ def test_masks_on_a_w8a8_checkpoint_match_the_dequantized_reference(ci_testbed, 
 
     llm = LLM(model=str(w8a8), dtype="float32", enforce_eager=True, seed=0, max_model_len=256,
               gpu_memory_utilization=0.3, **depn_serve_patches.engine_kwargs(max_mask_slots=4))
-    try:
-        for tenant, off in offs.items():
-            llm.collective_rpc("depn_bind", args=(tenant, tenant, pack_bits(off).tobytes()))
-        params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True,
-                                 extra_args={"depn_tenant": t} if t else None) for t, _ in asks]
-        outputs = llm.generate([p for _, p in asks], params, use_tqdm=False)
-    finally:
-        del llm
-        gc.collect()
+    outputs = generate_as_tenants(llm, offs, asks, MAX_TOKENS)
 
     reference, _ = dequantized_reference(model_dir, w8a8)
     changed = 0
