@@ -259,3 +259,17 @@ def test_the_cuda_mask_kernel_compiles_and_replays_in_a_cuda_graph():
         want, masked_input = reference()
         assert torch.equal(k.mask_triton(x, words, index), masked_input)
         torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+
+
+def test_the_backend_is_torch_off_cuda_unless_overridden(monkeypatch):
+    monkeypatch.delenv("DEPN_MASK_BACKEND", raising=False)
+    assert k.select_backend(torch.device("cpu")) == "torch"
+    monkeypatch.setenv("DEPN_MASK_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="DEPN_MASK_BACKEND: expected 'triton' or 'torch'"):
+        k.select_backend(torch.device("cpu"))
+    monkeypatch.setenv("DEPN_MASK_BACKEND", "triton")
+    if k.triton_available():
+        assert k.select_backend(torch.device("cpu")) == "triton"
+    else:
+        with pytest.raises(RuntimeError, match="triton is not installed"):
+            k.select_backend(torch.device("cpu"))
