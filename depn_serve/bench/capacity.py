@@ -2,9 +2,10 @@
 
 The table holds every slot as bits, so its size is measured (the tensor's bytes, and on CUDA what the allocator
 handed out) against what the bf16 rows it replaced would take. Then `masks` tenants, each with its own random
-mask (`fraction` of its neurons off, drawn at random), are bound and sent through `assign` in steps of `batch` tenants, twice over: the first round loads every
-mask once, and in the second (the steady state, all masks resident) nothing may load or be evicted. With fewer
-slots than masks the LRU works, and the second round shows what it costs.
+mask (`fraction` of its neurons off, drawn at random), are bound and sent through `assign` in steps of `batch`
+tenants, twice over: the first round loads every mask once, and in the second (the steady state, all masks
+resident) nothing may load or be evicted. With fewer slots than masks the LRU works, and the second round shows
+what it costs.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ swings by tens of percent from run to run, far more than the effect it looks for
 
 Times a Llama MLP (gate_up -> SiluAndMul -> down) with and without the masked path the patched `down_proj` runs
 on CPU (`kernels.mask_bits_`: each token's row of resident bits ANDed into the activation in place), at
-decode-sized and prefill-sized token counts, in the same process, interleaved, with every token of the batch using a different slot.
+decode-sized and prefill-sized token counts, in the same process, interleaved, with every token of the batch
+using a different slot.
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ def build_model_dir(settings: BenchSettings, out: Path) -> int:
     LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=settings.hidden, intermediate_size=settings.intermediate,
         num_hidden_layers=settings.layers, num_attention_heads=settings.heads, num_key_value_heads=settings.kv_heads,
-        max_position_embeddings=settings.prompt_tokens + settings.max_tokens, bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+        max_position_embeddings=settings.prompt_tokens + settings.max_tokens,
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS), pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
         tie_word_embeddings=False, dtype=settings.dtype,
     ).save_pretrained(out)

@@ -149,7 +149,8 @@ Backend = Literal["triton", "torch"]
 def select_backend(device: torch.device) -> Backend:
     """Triton on CUDA, torch elsewhere. DEPN_MASK_BACKEND=triton|torch overrides it (triton off CUDA runs only in
     Triton's interpreter: how the engine's Triton path is tested on CPU)."""
-    chosen = os.environ.get("DEPN_MASK_BACKEND") or ("triton" if device.type == "cuda" and triton is not None else "torch")
+    default = "triton" if device.type == "cuda" and triton is not None else "torch"
+    chosen = os.environ.get("DEPN_MASK_BACKEND") or default
     if chosen not in ("triton", "torch"):
         raise ValueError(f"DEPN_MASK_BACKEND: expected 'triton' or 'torch', got {chosen!r}")
     if chosen == "triton" and triton is None:

@@ -4,9 +4,9 @@ After the weights are loaded, each decoder layer gets a subclass on one module, 
 with Triton (CUDA) the MLP's SiluAndMul becomes the fused kernel that writes silu(gate) * up already masked by the
 token's row of `words[layer]`; with torch (elsewhere), or where the activation is not SiluAndMul, `down_proj` masks
 its input first. The tables and the index are allocated once and updated in place, so the same code is right in
-eager mode, under torch.compile and inside CUDA graphs. Before each step, after
-vLLM has ordered the batch, the per-request slots are expanded to per-token indices on the host and copied to the
-device without a sync, through the same kind of buffer vLLM uses for its own inputs.
+eager mode, under torch.compile and inside CUDA graphs. Before each step, after vLLM has ordered the batch, the
+per-request slots are expanded to per-token indices on the host and copied to the device without a sync, through
+the same kind of buffer vLLM uses for its own inputs.
 """
 
 from __future__ import annotations
@@ -96,6 +96,10 @@ class WorkerMasks:
         """The slots' status, and where this worker applies the masks (the backend, the vLLM class it wraps)."""
         return {**self.slots.status(), "backend": self.backend, "masked_module": self._layers[0][1].__name__}
 
+    @property
+    def recording(self) -> bool:
+        return self._pairing is not None
+
     def timed(self, seconds: float) -> None:
         if self._step is not None:
             self._steps.append((*self._step, seconds))
@@ -109,9 +113,9 @@ class WorkerMasks:
         n = int(num_scheduled_tokens.sum())
         self.index.np[:n] = np.repeat(np.asarray(slots, dtype=np.int32), num_scheduled_tokens)
         self.index.copy_to_gpu(n)
-        if self._pairing is not None:
+        if self.recording:
             seen = self._pairing[n] = self._pairing.get(n, 0) + 1
-            masked = seen % 4 in (1, 0)
+            masked = seen % 4 in (0, 1)
             self.set_masking(masked)
             self._step = (n, masked)
 
@@ -199,7 +203,7 @@ def install() -> None:
 
     def patched_execute_model(self, *args, **kwargs):
         masks = getattr(self, "_depn", None)
-        if masks is None or masks._pairing is None:
+        if masks is None or not masks.recording:
             return execute_model(self, *args, **kwargs)
         cuda = self.device.type == "cuda"
         if cuda:
