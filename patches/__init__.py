@@ -53,11 +53,12 @@ def register() -> None:
 
 
 def engine_kwargs(max_mask_slots: int = DEFAULT_MAX_MASK_SLOTS, deny_untagged: bool = False,
-                  mask_wait_s: float = DEFAULT_MASK_WAIT_S) -> dict[str, Any]:
+                  mask_wait_s: float = DEFAULT_MASK_WAIT_S, bench: bool = False) -> dict[str, Any]:
     """Engine arguments that turn masks on (for `vllm.LLM`, `AsyncEngineArgs`); also enables the plugin.
 
     `deny_untagged` (servers): a request that reaches the model without a tenant runs with the deny row, not unmasked.
     `mask_wait_s`: how long a tenant may wait for a mask slot before the running tenants are drained for it.
+    `bench`: the worker also answers the benchmarks' controls (masking switched off and on); never in a server.
     """
     if max_mask_slots < 1:
         raise DepnError(f"max_mask_slots must be at least 1, got {max_mask_slots}")
@@ -66,7 +67,7 @@ def engine_kwargs(max_mask_slots: int = DEFAULT_MAX_MASK_SLOTS, deny_untagged: b
     os.environ[ENABLE_ENV] = "1"
     hooks = versioned()
     return {
-        "worker_extension_cls": hooks.WORKER_EXTENSION_CLS,
+        "worker_extension_cls": hooks.BENCH_WORKER_EXTENSION_CLS if bench else hooks.WORKER_EXTENSION_CLS,
         "additional_config": {CONFIG_KEY: {"max_mask_slots": max_mask_slots, "deny_untagged": deny_untagged,
                                            "mask_wait_s": mask_wait_s}},
     }

@@ -59,18 +59,25 @@ def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0) -> Path:
     return out
 
 
-def certified(mask, passed: bool = True):
-    """`mask` with a certificate whose per-record results pass (or fail: one forgotten record leaks greedily).
-    For the serving gate's tests: the gate reads certificates, `depn verify` is tested on its own."""
-    from depn_serve.artifacts.verification import Criteria, RecordVerdict, Verification, judge
+def certified(mask, passed: bool = True, criteria=None, policy=None, attacks: tuple[str, ...] | None = None):
+    """`mask` with a certificate whose per-record results pass (or fail: one forgotten record leaks greedily), as
+    its tenant's isolation mask unless `policy` says otherwise, judged by `criteria` (default: the product's), after
+    `attacks` (default: every attack of the suite). For the serving gate's tests: the gate reads certificates,
+    `depn verify` is tested on its own."""
+    from depn_serve.artifacts.criteria import Criteria
+    from depn_serve.artifacts.verification import RecordVerdict, Verification, judge
     from depn_serve.core.selectors import MaskPolicy
 
-    records = [RecordVerdict(id="r1", tenant="globex", kind="phone", role="forget", tries={"greedy": 1},
-                             hits={"greedy": 0 if passed else 1})]
-    failures = judge(Criteria(), records, 10.0, 10.0)
+    criteria = criteria or Criteria()
+    tries = {"greedy": 1, "paraphrase": 2, "context": 2, "sample@0.7": 10, "sample@1": 10, "beam": 20,
+             "substitution": 3}
+    tries = {a: n for a, n in tries.items() if attacks is None or a in attacks}
+    records = [RecordVerdict(id="r1", tenant="globex", kind="phone", role="forget", tries=tries,
+                             hits={**dict.fromkeys(tries, 0), "greedy": 0 if passed else 1})]
+    failures = judge(criteria, records, 10.0, 10.0)
     verification = Verification(
         model_fingerprint=mask.manifest.model_fingerprint, mask_sha256=mask.bits_sha256(),
-        policy=MaskPolicy.isolation(mask.manifest.tenant), attacks={}, criteria=Criteria(), records=records,
+        policy=policy or MaskPolicy.isolation(mask.manifest.tenant), attacks={}, criteria=criteria, records=records,
         perplexity_before=10.0, perplexity_after=10.0, seconds=0.0, failures=failures, passed=not failures)
     return mask.certified(verification)
 

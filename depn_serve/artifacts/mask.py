@@ -86,6 +86,9 @@ class MaskManifest(BaseModel):
     intermediate_size: int = Field(gt=0)
     neurons_per_layer: list[int]
     provenance: MaskProvenance
+    made_for: str | None = Field(None, min_length=1, description=(
+        "the tenant this mask is made for: an isolation mask is made for the tenant whose records it keeps, and a "
+        "server refuses it for any other tenant unless the operator opts in; None: any tenant may be served with it"))
     verification: Verification | None = Field(None, description="the attack certificate (`depn verify`)")
 
     @model_validator(mode="after")
@@ -96,6 +99,12 @@ class MaskManifest(BaseModel):
             )
         if any(not 0 <= n <= self.intermediate_size for n in self.neurons_per_layer):
             raise ValueError(f"neurons_per_layer entries must lie in [0, {self.intermediate_size}]")
+        isolated = {p.isolates() for p in self._policies()} - {None}
+        if "made_for" not in self.model_fields_set and len(isolated) == 1:
+            self.made_for = next(iter(isolated))  # a file from before `made_for`: its isolation policy says
+        if isolated - {self.made_for}:
+            raise ValueError(f"made_for is {self.made_for!r}, but the mask's policy forgets every tenant's records "
+                             f"but {sorted(isolated)[0]!r}'s: an isolation mask is made for that tenant")
         if self.verification is not None:
             if self.verification.model_fingerprint != self.model_fingerprint:
                 raise ValueError("verification.model_fingerprint is not the mask's model_fingerprint")
@@ -103,6 +112,10 @@ class MaskManifest(BaseModel):
                 raise ValueError(f"verification.policy.tenant {self.verification.policy.tenant!r} is not the mask's "
                                  f"tenant {self.tenant!r}")
         return self
+
+    def _policies(self) -> list[MaskPolicy]:
+        policies = [self.provenance.policy, self.verification.policy if self.verification else None]
+        return [p for p in policies if p is not None]
 
     @property
     def neuron_count(self) -> int:
@@ -124,7 +137,10 @@ class NeuronMask:
         shape: MlpShape,
         off: torch.Tensor,
         provenance: MaskProvenance,
+        made_for: str | None = None,
     ) -> NeuronMask:
+        """`made_for`: the tenant the mask is made for (default: the one whose isolation policy it follows, else
+        none in particular)."""
         off = off.to(torch.bool).cpu()
         if tuple(off.shape) != (shape.num_layers, shape.intermediate_size):
             raise MaskError("<new mask>", "shape", (shape.num_layers, shape.intermediate_size), tuple(off.shape))
@@ -136,6 +152,7 @@ class NeuronMask:
             intermediate_size=shape.intermediate_size,
             neurons_per_layer=off.sum(dim=1).tolist(),
             provenance=provenance,
+            made_for=made_for or (provenance.policy.isolates() if provenance.policy is not None else None),
         )
         return cls(manifest, off)
 
@@ -144,10 +161,24 @@ class NeuronMask:
         return bits_sha256(pack_bits(self.off).tobytes())
 
     def certified(self, verification: Verification) -> NeuronMask:
-        """The same mask with `verification` in its manifest (replacing any earlier certificate)."""
+        """The same mask with `verification` in its manifest (replacing any earlier certificate); certified as a
+        tenant's isolation mask, a mask made for no tenant in particular becomes made for that tenant."""
         if verification.mask_sha256 != self.bits_sha256():
             raise MaskError("<new mask>", "verification.mask_sha256", self.bits_sha256(), verification.mask_sha256)
-        manifest = MaskManifest.model_validate({**self.manifest.model_dump(), "verification": verification})
+        made_for = self.manifest.made_for or verification.policy.isolates()
+        try:
+            manifest = MaskManifest.model_validate({**self.manifest.model_dump(), "made_for": made_for,
+                                                    "verification": verification})
+        except ValidationError as exc:
+            raise MaskError("<new mask>", *field_error(exc, whole="manifest")) from None
+        return NeuronMask(manifest, self.off)
+
+    def made_for(self, tenant: str) -> NeuronMask:
+        """The same mask, made for `tenant` (a server then refuses it for any other tenant)."""
+        try:
+            manifest = MaskManifest.model_validate({**self.manifest.model_dump(), "made_for": tenant})
+        except ValidationError as exc:
+            raise MaskError("<new mask>", *field_error(exc, whole="manifest")) from None
         return NeuronMask(manifest, self.off)
 
     # --- (de)serialization -------------------------------------------------------------------------------------

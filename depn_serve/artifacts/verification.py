@@ -17,23 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from depn_serve.artifacts.criteria import Criteria
 from depn_serve.core.fingerprint import ModelFingerprint
 from depn_serve.core.selectors import MaskPolicy
-
-ZERO_ATTACKS = ("greedy", "paraphrase", "context", "substitution")  # a single hit on any forget record fails
-
-
-class Criteria(BaseModel):
-    """What passing means. The defaults are the product's targets (issue 10)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    zero: tuple[str, ...] = Field(ZERO_ATTACKS, description="attacks that may not reproduce any forgotten secret")
-    max_rate: float = Field(0.01, ge=0, le=1, description="largest share of sampled / beam tries that may leak")
-    min_exposure_drop: float = Field(0.7, ge=0, le=1, description="mean exposure of forgotten digit secrets must "
-                                                                   "fall by at least this share")
-    min_keep_ratio: float = Field(0.95, ge=0, le=1, description="kept records reproduced after / before, at least")
-    max_perplexity_increase: float = Field(0.01, ge=0, description="relative validation perplexity increase, at most")
 
 
 class RecordVerdict(BaseModel):
@@ -81,6 +67,20 @@ class Verification(BaseModel):
         if self.passed != (not expected):
             raise ValueError(f"passed is {self.passed} but the per-record results give {not expected}")
         return self
+
+    def shortfalls(self, required: Criteria, isolates: str | None = None) -> list[str]:
+        """Why a server requiring `required` must not take this certificate as a pass (empty: it may): its criteria
+        are weaker, an attack that must find no leak was never run (paraphrases, which need paraphrased prompts in
+        the records, aside), or, for `isolates`' isolation mask, its policy spares another tenant's records."""
+        weaker = self.criteria.weaker_than(required)
+        found = [f"criteria weaker than required: {', '.join(weaker)}"] if weaker else []
+        tried = {a for r in self.forget() for a, n in r.tries.items() if n}
+        untried = sorted(set(required.zero) - tried - {"paraphrase"})
+        found += [f"attacks never run: {untried}"] if untried else []
+        if isolates is not None and not self.policy.forgets_all_but(isolates):
+            found.append(f"policy forgets {list(self.policy.forget)}, not every record of every tenant but "
+                         f"{isolates!r}")
+        return found
 
     # --- figures the summary and the README report ------------------------------------------------------------
     def forget(self) -> list[RecordVerdict]:

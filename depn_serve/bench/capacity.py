@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from depn_serve.serving.kernels import words_per_row
+from depn_serve.serving.request import mask_key
 from depn_serve.serving.slots import RESERVED_SLOTS, MaskSlots
 
 
@@ -87,10 +88,11 @@ def run_capacity(layers: int, intermediate: int, masks: int, slots: int | None =
     def round_() -> RoundCounts:
         counts = table.counters
         loads, evictions, overflows = counts.loads, counts.evictions, counts.overflows
-        steps = [[f"t{t}" for t in range(first, min(first + batch, masks))] for first in range(0, masks, batch)]
+        steps = [[(f"t{t}", f"v{t}") for t in range(first, min(first + batch, masks))]
+                 for first in range(0, masks, batch)]
         begin = time.perf_counter()
-        for step in steps:
-            table.assign(step, live=lambda s=step: set(s))
+        for step in steps:  # each request names the mask it was admitted with, as a server's do
+            table.assign(step, live=lambda s=step: {mask_key(*r) for r in s})
         if cuda:
             torch.cuda.synchronize(dev)
         return RoundCounts(loads=counts.loads - loads, evictions=counts.evictions - evictions,

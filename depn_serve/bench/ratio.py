@@ -140,7 +140,7 @@ def run_paired_ratio(settings: BenchSettings, work_dir: Path,
         llm = vllm.LLM(model=str(work_dir / "model"), load_format="dummy", dtype=settings.dtype, seed=settings.seed,
                        enforce_eager=True, enable_prefix_caching=False, max_num_seqs=settings.batch,
                        max_model_len=settings.prompt_tokens + settings.max_tokens, gpu_memory_utilization=0.3,
-                       **depn_serve_patches.engine_kwargs(max_mask_slots=max(settings.tenants, 1)))
+                       **depn_serve_patches.engine_kwargs(max_mask_slots=max(settings.tenants, 1), bench=True))
         running.callback(llm.llm_engine.engine_core.shutdown)
         masks = tenant_masks(settings)
         llm.collective_rpc("depn_bind_many", args=([(t, "bench", packed) for t, packed in masks.items()],))

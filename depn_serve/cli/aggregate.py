@@ -20,7 +20,12 @@ _OPTION_FOR = {"model": "--model", "tokenizer": "--model", "targets": "--records
 
 @click.command()
 @click.argument("scores", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--tenant", required=True, help="the tenant the mask is served to")
+@click.option("--tenant", required=True, help="the tenant the mask is built with (its policy's, by default its own "
+                                             "records are forgotten)")
+@click.option("--for", "made_for", default=None, metavar="TENANT",
+              help="the tenant the mask is made for: servers refuse it for any other tenant (default: none in "
+                   "particular, so any tenant may be served with it; an isolation policy's mask is made for its "
+                   "tenant)")
 @click.option("--forget", multiple=True, metavar="SELECTOR",
               help="records to forget, e.g. 'tenant!=acme' or 'tenant=acme,kind=phone' (repeat: any of them; "
                    "default: the tenant's own records)")
@@ -51,7 +56,8 @@ _OPTION_FOR = {"model": "--model", "tokenizer": "--model", "targets": "--records
 @click.option("--device", default="cpu", show_default=True)
 @ray_option()
 @out_file()
-def aggregate(scores: Path, tenant: str, forget: tuple[str, ...], keep: tuple[str, ...], method_name: str,
+def aggregate(scores: Path, tenant: str, made_for: str | None, forget: tuple[str, ...], keep: tuple[str, ...],
+              method_name: str,
               top_z: int | None, model_dir: Path | None,
               records_path: Path | None, keep_text_path: Path | None, target_exposure: float | None,
               ppl_budget: float | None, valid_path: Path | None, report_path: Path | None, device: str,
@@ -102,10 +108,11 @@ def aggregate(scores: Path, tenant: str, forget: tuple[str, ...], keep: tuple[st
         verdict = "all protected" if report.all_protected else f"still leaking: {', '.join(report.unprotected)}"
         console.print(f"{report.neurons} of {report.candidates} candidate neurons; perplexity {report.ppl_before:.2f}"
                       f" -> {report.ppl_after:.2f} ({report.ppl_change_pct:+.1f} %); {verdict}; {report.seconds:.0f} s")
-    mask = result.mask
+    mask = result.mask if made_for is None else result.mask.made_for(made_for)
     mask.save(out)
     m = mask.manifest
-    console.print(f"mask for tenant {tenant!r} ({m.provenance.method}): {m.neuron_count} neurons from "
+    whom = f"made for tenant {m.made_for!r}" if m.made_for else "made for any tenant"
+    console.print(f"mask of tenant {tenant!r}, {whom} ({m.provenance.method}): {m.neuron_count} neurons from "
                   f"{m.provenance.records} records -> {out}")
 
 

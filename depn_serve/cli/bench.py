@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import tempfile
 from pathlib import Path
 
@@ -133,6 +134,17 @@ def mlp(hidden: int, intermediate: int, dtype: str, tokens: str) -> None:
                    f"{row.median_ratio:.3f} |")
 
 
+@bench.command("holdback")
+@click.option("--steps", default=10_000, show_default=True, type=click.IntRange(min=100),
+              help="engine steps timed per queue length")
+def holdback(steps: int) -> None:
+    """The scheduler's hold-back per engine step (pure Python, no vLLM) while one tenant keeps 0, 20,000 or
+    100,000 requests queued next to 7 others, through 4 mask slots."""
+    from depn_serve.bench.holdback import markdown, run_holdback
+
+    click.echo(markdown(run_holdback(steps=steps)))
+
+
 @bench.command("tenants")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="the served model (its MLP shape and fingerprint; no weights are loaded)")
@@ -151,26 +163,22 @@ def tenants(model_dir: Path, tenants: int, masked: int, lookups: int) -> None:
     click.echo(report.markdown())
 
 
-def _soak_setting(name: str, **kwargs):
-    from depn_serve.bench.soak import SoakSettings
+def _testbed_bench(module: str, model: str, *names: str):
+    """A test-bed benchmark's options: `--testbed` and the named fields of its settings model (`module.model`)."""
 
-    return setting(SoakSettings, name.replace("-", "_"), **kwargs)
+    def decorate(command):
+        settings = getattr(importlib.import_module(module), model)
+        for name in reversed(names):
+            command = setting(settings, name.replace("-", "_"))(command)
+        return click.option("--testbed", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+                            help="a `depn testbed build` folder (its model and record prompts)")(command)
+
+    return decorate
 
 
 @bench.command("soak")
-@click.option("--testbed", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="a `depn testbed build` folder (its model and record prompts)")
-@_soak_setting("seconds")
-@_soak_setting("tenants")
-@_soak_setting("slots")
-@_soak_setting("concurrency")
-@_soak_setting("push-every")
-@_soak_setting("max-tokens")
-@_soak_setting("mask-fraction")
-@_soak_setting("hostile-every")
-@_soak_setting("kills")
-@_soak_setting("disk-faults")
-@_soak_setting("seed")
+@_testbed_bench("depn_serve.bench.soak", "SoakSettings", "seconds", "tenants", "slots", "concurrency", "push-every",
+                "max-tokens", "mask-fraction", "hostile-every", "kills", "disk-faults", "seed")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="write the report here")
 @click.option("--work", type=click.Path(path_type=Path, file_okay=False),
               help="keep the server's log, tenants file and store here (default: a temporary folder)")
@@ -195,6 +203,22 @@ def soak(testbed: Path, json_path: Path | None, work: Path | None, **options) ->
         click.echo(f"failure: {example}", err=True)
     if not report.passed:
         raise SystemExit(1)
+
+
+@bench.command("flood")
+@_testbed_bench("depn_serve.bench.flood", "FloodSettings", "seconds", "quiet-streams", "quiet-tokens",
+                "flood-concurrency", "flood-n", "flood-tokens", "flood-big-n", "slots")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="write the report here")
+def flood(testbed: Path, json_path: Path | None, **options) -> None:
+    """One tenant floods a real `depn serve`: another tenant's inter-token latency alone, under the flood with the
+    default tenant limits, and with the flooding tenant's limits lifted."""
+    from depn_serve.bench.flood import FloodSettings, run_flood
+
+    with tempfile.TemporaryDirectory(prefix="depn-flood-") as work:
+        report = run_flood(testbed, Path(work), FloodSettings(**options), log=console.print)
+    if json_path:
+        report.write(json_path)
+    click.echo(report.markdown())
 
 
 @bench.command("detect")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from depn_serve.artifacts.verification import Criteria
+from depn_serve.artifacts.criteria import Criteria
 from depn_serve.cli.options import existing_file, model_dir_option, ray_option, setting, settings_from
 from depn_serve.core.console import console, progress
 from depn_serve.evaluation.attacks import AttackSettings

@@ -38,6 +38,7 @@ def inspect(mask_path: Path, as_json: bool, plot: Path | None) -> None:
                       f"{m.provenance.records} records, created {m.provenance.created_at:%Y-%m-%d %H:%M} UTC")
         if m.provenance.policy is not None:
             console.print(f"policy {m.provenance.policy.describe()}")
+        console.print(f"made for tenant {m.made_for}" if m.made_for else "made for any tenant", markup=False)
         console.print(m.verification.summary() if m.verification else "not verified (run `depn verify`)",
                       markup=False)
         peak = max(m.neurons_per_layer) or 1
@@ -89,20 +90,24 @@ def _client(server: str, token_file: Path):
 @click.option("--tenant", required=True)
 @existing_file("--mask", "mask_path", required=True)
 @click.option("--id", "mask_id", default=None, help="mask id in the store (default: the file name without suffix)")
+@click.option("--cross-tenant", is_flag=True,
+              help="serve TENANT a mask made for another tenant (refused without it; recorded, and shown by `depn "
+                   "masks list`)")
 def push(server: str | None, token_file: Path | None, store: Path | None, tenants_path: Path | None, tenant: str,
-         mask_path: Path, mask_id: str | None) -> None:
+         mask_path: Path, mask_id: str | None, cross_tenant: bool) -> None:
     """Upload a mask; the server validates it, stores it and activates it for the tenant without a restart. With
-    --store, the servers sharing the store check and activate it within a second (`depn masks status` shows it)."""
+    --store, the servers sharing the store check and activate it within a second (`depn masks status` shows it).
+    A mask made for another tenant (another tenant's isolation mask) is refused unless --cross-tenant."""
     _check_target(server, token_file, store, tenants_path)
     mask_id = mask_id or mask_path.stem
     if store is not None:
         from depn_serve.serving.server.fleet import push_to_store
 
-        entry, generation = push_to_store(store, tenants_path, tenant, mask_id, mask_path.read_bytes())
+        entry, generation = push_to_store(store, tenants_path, tenant, mask_id, mask_path.read_bytes(), cross_tenant)
         click.echo(f"stored {mask_id} v{entry.version} ({entry.neurons} neurons) for {tenant} in {store} "
                    f"(generation {generation}); the servers sharing it apply it within a second")
         return
-    result = _client(server, token_file).push(tenant, mask_id, mask_path)
+    result = _client(server, token_file).push(tenant, mask_id, mask_path, cross_tenant)
     click.echo(f"pushed {result.mask} v{result.version} ({result.neurons} neurons) to {result.tenant}; "
                f"tenant now masks {result.tenant_neurons} neurons")
     click.echo(result.verification)
@@ -121,19 +126,38 @@ def list_(server: str, token_file: Path, as_json: bool) -> None:
         return
     table = Table(title=f"{listing.resident} of {listing.slots} mask slots resident; store generation "
                         f"{listing.store_generation}")
-    for column in ("tenant", "masks (id vN: neurons, verification)", "masked neurons", "resident", "unmasked allowed"):
+    for column in ("tenant", "masks (id vN: neurons, verification, made for)", "masked neurons", "resident",
+                   "unmasked allowed"):
         table.add_column(column)
     for t in listing.tenants:
-        masks_desc = ", ".join(f"{m.id} v{m.version}: {m.neurons}, {m.verification}" for m in t.masks) or "-"
+        masks_desc = ", ".join(f"{m.id} v{m.version}: {m.neurons}, {m.verification}, {_made_for(m)}"
+                               for m in t.masks) or "-"
         if t.missing:
             masks_desc += f" (not pushed yet: {', '.join(t.missing)})"
         if t.problem:
             masks_desc += f" QUARANTINED: {t.problem}"
         if t.behind:
-            masks_desc += f" BEHIND THE STORE (serving its previous masks): {t.behind}"
+            state = "REFUSED, " if t.refused_behind else "serving its previous masks, "
+            masks_desc += f" BEHIND THE STORE ({state}retrying): {t.behind}"
         table.add_row(t.tenant, masks_desc, str(t.masked_neurons), "yes" if t.resident else "no",
                       "yes" if t.allow_unmasked else "no")
     console.print(table)
+    judged = {_criteria(m.criteria) for t in listing.tenants for m in t.masks if m.criteria is not None}
+    console.print(f"this server requires certificates with {_criteria(listing.criteria)}", markup=False)
+    for criteria in sorted(judged - {_criteria(listing.criteria)}):
+        console.print(f"  some masks were certified with {criteria}", markup=False)
+
+
+def _made_for(mask) -> str:
+    if mask.made_for is None:
+        return "any tenant"
+    return f"{mask.made_for} (CROSS-TENANT, by the operator's choice)" if mask.cross_tenant else mask.made_for
+
+
+def _criteria(criteria) -> str:
+    return (f"max rate {criteria.max_rate:g}, exposure drop >= {criteria.min_exposure_drop:g}, keep ratio >= "
+            f"{criteria.min_keep_ratio:g}, perplexity increase <= {criteria.max_perplexity_increase:g}, no leak "
+            f"under {', '.join(criteria.zero)}")
 
 
 @masks.command("drop")

@@ -36,9 +36,24 @@ def tenants() -> None:
 @_TENANT
 @click.option("--mask", "masks_", multiple=True, help="the tenant's mask id in the mask store (repeat for a union)")
 @click.option("--allow-unmasked", is_flag=True, help="let this tenant run without any mask")
-def add(config_path: Path, tenant: str, masks_: tuple[str, ...], allow_unmasked: bool) -> None:
-    """Create a tenant and print its new API key once (only its hash is stored)."""
-    key = _edit(config_path, lambda config: config.add_tenant(tenant, list(masks_), allow_unmasked), create=True)
+@click.option("--lora-adapter", "adapters", multiple=True,
+              help="a LoRA adapter (its name in `--lora-modules`) this tenant may use (repeat)")
+def add(config_path: Path, tenant: str, masks_: tuple[str, ...], allow_unmasked: bool,
+        adapters: tuple[str, ...]) -> None:
+    """Create a tenant and print its new API key once (only its hash is stored). Per-tenant `limits` and the
+    server's `criteria` are set by editing the file (see the README)."""
+
+    def add_one(config: TenantsConfig) -> str:
+        from depn_serve.serving.server.tenants import TenantsError
+
+        taken = {a: t.id for t in config.tenants for a in t.lora_adapters if a in adapters}
+        if taken:
+            raise TenantsError(f"LoRA adapters belong to one tenant each; taken already: {taken}")
+        key = config.add_tenant(tenant, list(masks_), allow_unmasked)
+        config.tenant(tenant).lora_adapters = list(adapters)
+        return key
+
+    key = _edit(config_path, add_one, create=True)
     click.echo(f"tenant {tenant!r} added to {config_path}; its API key (shown only now):", err=True)
     click.echo(key)
 
@@ -54,7 +69,8 @@ def list_(config_path: Path) -> None:
         anonymous = "  (anonymous)" if t.id == config.anonymous_tenant else ""
         masks_desc = ", ".join(t.masks) or ("none (may run unmasked)" if t.allow_unmasked else "none (refused)")
         keys = ", ".join(f"{k.hint}…" for k in t.api_keys) or "no keys"
-        click.echo(f"{t.id}{anonymous}\tmasks: {masks_desc}\tkeys: {keys}")
+        adapters = f"\tLoRA: {', '.join(t.lora_adapters)}" if t.lora_adapters else ""
+        click.echo(f"{t.id}{anonymous}\tmasks: {masks_desc}\tkeys: {keys}{adapters}")
 
 
 @tenants.command("key")

@@ -86,6 +86,16 @@ class MaskPolicy(BaseModel):
         """The isolation mask: forget every other tenant's records, keep the tenant's own."""
         return cls(tenant=tenant, forget=(f"tenant!={tenant}",), keep=(f"tenant={tenant}",))
 
+    def forgets_all_but(self, tenant: str) -> bool:
+        """Whether the policy forgets every record of every tenant other than `tenant` (one of its forget selectors
+        is `tenant!=<tenant>` or `all`), whatever records file it is applied to."""
+        return any(_clauses(s) in ([], [("tenant", False, frozenset({tenant}))]) for s in self.forget)
+
+    def isolates(self) -> str | None:
+        """The tenant this is the isolation policy of (it forgets every other tenant's records), else None."""
+        forgets_everything = any(not _clauses(s) for s in self.forget)
+        return self.tenant if self.forgets_all_but(self.tenant) and not forgets_everything else None
+
     def split(self, records: Sequence[PrivateRecord], source: str = "records") -> tuple[list[PrivateRecord],
                                                                                         list[PrivateRecord]]:
         """(forget, keep) records; refuses a policy that forgets nothing or both forgets and keeps a record."""

@@ -12,8 +12,9 @@ import hashlib
 import time
 from collections.abc import Sequence
 
+from depn_serve.artifacts.criteria import Criteria
 from depn_serve.artifacts.mask import NeuronMask
-from depn_serve.artifacts.verification import Criteria, RecordVerdict, Verification, judge
+from depn_serve.artifacts.verification import RecordVerdict, Verification, judge
 from depn_serve.core.records import PrivateRecord
 from depn_serve.core.selectors import MaskPolicy
 from depn_serve.editing import masked

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from rich.table import Table
 
 from depn_serve.artifacts.mask import MaskProvenance, NeuronMask
-from depn_serve.artifacts.verification import Criteria
+from depn_serve.artifacts.criteria import Criteria
 from depn_serve.core.arch import mlp_shape, read_config
 from depn_serve.core.cluster import InProcess, Runner, shared_model
 from depn_serve.core.console import Bar

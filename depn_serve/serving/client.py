@@ -13,7 +13,8 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from depn_serve.core.errors import DepnError
-from depn_serve.serving.server.api import API_PREFIX, DropResult, ErrorBody, MaskListing, PushResult, read_admin_token
+from depn_serve.serving.server.api import (API_PREFIX, DropResult, ErrorBody, HealthDetail, MaskListing, PushResult,
+                                           read_admin_token)
 
 Answer = TypeVar("Answer", bound=BaseModel)
 
@@ -53,11 +54,16 @@ class AdminClient:
         except ValidationError as exc:
             raise AdminError(0, f"{self.base}{path}: unexpected answer ({exc.errors()[0]['msg']})") from None
 
-    def push(self, tenant: str, mask_id: str, mask_file: Path) -> PushResult:
-        return self._call(PushResult, "PUT", self._mask_path(tenant, mask_id), Path(mask_file).read_bytes())
+    def push(self, tenant: str, mask_id: str, mask_file: Path, cross_tenant: bool = False) -> PushResult:
+        """`cross_tenant`: serve the tenant a mask made for another tenant (refused without it)."""
+        query = "?cross_tenant=true" if cross_tenant else ""
+        return self._call(PushResult, "PUT", self._mask_path(tenant, mask_id) + query, Path(mask_file).read_bytes())
 
     def list(self) -> MaskListing:
         return self._call(MaskListing, "GET", "/masks")
+
+    def health(self) -> HealthDetail:
+        return self._call(HealthDetail, "GET", "/health")
 
     def drop(self, tenant: str, mask_id: str) -> DropResult:
         return self._call(DropResult, "DELETE", self._mask_path(tenant, mask_id))

@@ -32,20 +32,23 @@ class ServerProcess:
 
     def __init__(self, model: Path, tenants: Path, mask_store: Path, admin_token_file: Path, log: Path,
                  vllm_options: tuple[str, ...] = SMALL_CPU_OPTIONS, max_mask_slots: int = 64,
-                 allow_unverified: bool = False):
+                 allow_unverified: bool = False, depn_options: tuple[str, ...] = (), env: dict | None = None):
+        """`depn_options`: more of depn serve's own options; `env`: variables set for the server's processes."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         depn = shutil.which("depn", path=str(Path(sys.executable).parent)) or "depn"
         self.command = [depn, "serve", "--model", str(model), "--tenants", str(tenants),
                         "--mask-store", str(mask_store), "--admin-token-file", str(admin_token_file),
                         "--max-mask-slots", str(max_mask_slots), "--host", "127.0.0.1", "--port", str(self.port),
-                        *(["--allow-unverified"] if allow_unverified else []), *vllm_options]
+                        *(["--allow-unverified"] if allow_unverified else []), *depn_options, *vllm_options]
+        self.admin_token_file = Path(admin_token_file)
+        self.env = dict(env or {})
         self.log_path = Path(log)
         self.proc: subprocess.Popen | None = None
         self._model_id: str | None = None
 
     def start(self, timeout: float = 300) -> None:
-        env = {**os.environ}
+        env = {**os.environ, **self.env}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -113,6 +116,9 @@ class ServerProcess:
                 self._model_id = json.loads(response.read())["data"][0]["id"]
         return self._model_id
 
-    def metrics(self) -> str:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=30) as response:
+    def metrics(self, token: str | None = None) -> str:
+        """/metrics, read with `token` (default: the admin token; strangers get 401)."""
+        request = urllib.request.Request(self.url + "/metrics")
+        request.add_header("Authorization", f"Bearer {token or self.admin_token_file.read_text().strip()}")
+        with urllib.request.urlopen(request, timeout=30) as response:
             return response.read().decode()

@@ -17,6 +17,7 @@ RESERVED_PREFIX = "depn_"
 TENANT_KEY = "depn_tenant"
 VERSION_KEY = "depn_version"
 DIGEST_KEY = "depn_mask_sha256"
+UNMASKED = "unmasked"  # the digest of a tenant that runs with no neuron switched off
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,22 @@ def tenant_of(extra_args: Mapping[str, Any] | None) -> str | None:
     """The tenant whose mask a request runs with (None: no mask)."""
     request = MaskRequest.from_extra_args(extra_args)
     return None if request is None else request.tenant
+
+
+def mask_key(tenant: str, version: Any) -> str:
+    """The name the engine gives one mask of a tenant (tenant ids hold no '/'): the workers hold masks and the
+    scheduler counts slots by it, so a request runs with the mask it was admitted with, not whatever its tenant
+    was bound to since."""
+    return f"{tenant}/{version}"
+
+
+def slot_key(extra_args: Mapping[str, Any] | None) -> str | None:
+    """What a request needs a device slot for: the mask its server admitted it with, else its tenant's current one
+    (offline engines, which set no hash); None when it needs no slot (no tenant, or a tenant served unmasked)."""
+    request = MaskRequest.from_extra_args(extra_args)
+    if request is None or request.digest == UNMASKED:
+        return None
+    return mask_key(request.tenant, request.digest) if request.digest else request.tenant
 
 
 def reserved_keys(extra_args: Mapping[str, Any] | None) -> list[str]:

@@ -1,7 +1,11 @@
 """Resident mask slots: the device table the patched MLP reads, filled on demand with LRU eviction.
 
-Modeled on vLLM's LoRA slots. Every tenant's mask (the union of its masks, keyed by its content hash) is kept
-packed in host memory (1 bit per neuron); up to `num_slots` of them are resident on the device, also as bits
+Modeled on vLLM's LoRA slots. Every tenant's mask (the union of its masks, under the version it was bound with: its
+content hash in a server) is kept packed in host memory (1 bit per neuron); a request names the version it was
+admitted with, and runs with that mask even if its tenant is bound to another since: the previous mask is kept
+while requests admitted with it run (and for `RETAIN_S` after, for a request admitted just before the change by
+another API server process); a request naming a version the worker does not hold gets the deny row (counted as
+`stale`), never another mask. Up to `num_slots` masks are resident on the device, also as bits
 (`words[layer, slot]`, 32 neurons per int32, 1 = keep; see `serving.kernels`), expanded per token inside the
 masked op. At 1 bit per neuron, 10,000 resident masks of a Llama-3-8B-shaped model take 0.57 GB, so the slot count
 is set by memory and the LRU only works beyond it. Two extra rows are always resident: the identity (requests with
@@ -10,13 +14,14 @@ more distinct masks in one step than slots, or, in a server, a request that carr
 then produces garbage instead of unmasked output, and an error is logged and counted. Nothing here raises during a
 step, because an exception inside a worker step kills vLLM's engine.
 
-This module knows nothing about vLLM; the version-keyed hooks in `patches/` call `assign` once per step, and the
-scheduler hook asks `held_back` which waiting requests must wait for a slot.
+This module knows nothing about vLLM; the version-keyed hooks in `patches/` call `assign` once per step (the
+scheduler hook keeps requests waiting for a slot in `queues.KeyQueues`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,10 +30,12 @@ import numpy as np
 import torch
 
 from depn_serve.serving.kernels import DENY_ROW, IDENTITY_ROW, keep_words_from_packed, reserved_words, words_per_row
+from depn_serve.serving.request import mask_key
 
 IDENTITY_SLOT = IDENTITY_ROW
 DENY_SLOT = DENY_ROW
 RESERVED_SLOTS = 2
+RETAIN_S = 60.0  # how long a mask replaced for its tenant is kept for requests admitted with it
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +44,7 @@ logger = logging.getLogger(__name__)
 class PackedMask:
     """A tenant's mask as the worker holds it between steps."""
 
-    version: str  # the content hash of the bits: equal bits never reload a slot, whichever process bound them
+    version: str  # the content hash of the bits in a server: equal bits never reload a slot, whichever process
     packed: np.ndarray | None  # [num_layers, ceil(intermediate / 8)] uint8; None = no neuron masked
 
 
@@ -48,6 +55,7 @@ class SlotCounters:
     overflows: int = 0
     unknown: int = 0
     untagged: int = 0
+    stale: int = 0
 
 
 class MaskSlots:
@@ -80,13 +88,17 @@ class MaskSlots:
                                      dtype=torch.int32, device=self.device)
             self.words[:, :RESERVED_SLOTS] = torch.from_numpy(reserved_words(self.width)).to(self.device)
         self.counters = SlotCounters()
-        self._masks: dict[str, PackedMask] = {}
-        self._resident: OrderedDict[str, tuple[int, str]] = OrderedDict()  # tenant -> (slot, version), LRU first
+        self._masks: dict[str, PackedMask] = {}  # mask key (`mask_key(tenant, version)`) -> mask
+        self._current: dict[str, str] = {}  # tenant -> the key new requests of it run with
+        self._retired: dict[str, float] = {}  # key -> when it stopped being its tenant's current mask
+        self._resident: OrderedDict[str, tuple[int, PackedMask]] = OrderedDict()  # key -> (slot, mask), LRU first
         self._free = list(range(num_slots + RESERVED_SLOTS - 1, RESERVED_SLOTS - 1, -1))
+        self._warned: set[str] = set()
 
     # --- control plane (collective_rpc, between steps) -------------------------------------------------------------
-    def bind(self, tenant: str, version: str, packed: bytes | None) -> None:
-        """Set a tenant's mask; steps after this one use it, for requests already running too."""
+    def bind(self, tenant: str, version: str, packed: bytes | None, live: Callable[[], set[str]] = set) -> None:
+        """Set a tenant's mask for the requests admitted from now on; requests admitted with its previous one keep
+        theirs. `live` gives the mask keys of the requests the worker holds, whose masks are kept."""
         array = None
         if packed is not None:
             width = (self.intermediate_size + 7) // 8
@@ -95,53 +107,97 @@ class MaskSlots:
                     f"mask for tenant {tenant!r}: expected {self.num_layers}x{width} packed bytes, got {len(packed)}"
                 )
             array = np.frombuffer(packed, dtype=np.uint8).reshape(self.num_layers, width).copy()
-        self._masks[tenant] = PackedMask(version, array)
+        key, previous = mask_key(tenant, version), self._current.get(tenant)
+        known = self._masks.get(key)
+        same = known is not None and (known.packed is None) == (array is None) and (
+            array is None or np.array_equal(known.packed, array))
+        if not same:
+            self._masks[key] = PackedMask(version, array)
+        self._current[tenant] = key
+        self._retired.pop(key, None)
+        if previous is not None and previous != key:
+            self._retired[previous] = time.monotonic()
+        self._forget_retired(live)
+
+    def _forget_retired(self, live: Callable[[], set[str]]) -> None:
+        """Drop the masks replaced more than `RETAIN_S` ago that no request holds any more."""
+        now = time.monotonic()
+        expired = [key for key, since in self._retired.items() if now - since > RETAIN_S]
+        if not expired:
+            return
+        in_use = live()
+        for key in expired:
+            if key not in in_use:
+                del self._retired[key]
+                self._masks.pop(key, None)
+                if key in self._resident:
+                    self._free.append(self._resident.pop(key)[0])
 
     def status(self) -> dict:
         return {
             "slots": self.num_slots,
-            "resident": {tenant: version for tenant, (_, version) in self._resident.items()},
-            "bound": {tenant: m.version for tenant, m in self._masks.items()},
+            "resident": sorted(self._resident),
+            "bound": {tenant: self._masks[key].version for tenant, key in self._current.items()},
+            "retained": len(self._retired),
             "loads": self.counters.loads,
             "evictions": self.counters.evictions,
             "overflows": self.counters.overflows,
             "unknown": self.counters.unknown,
             "untagged": self.counters.untagged,
+            "stale": self.counters.stale,
         }
 
     # --- data plane (once per step, before the forward) ------------------------------------------------------------
-    def assign(self, tenants: Sequence[str | None], live: Callable[[], set[str]]) -> list[int]:
-        """The slot of each request (None = no mask), loading masks that are not resident.
+    def assign(self, requests: Sequence[tuple[str | None, str | None]], live: Callable[[], set[str]]) -> list[int]:
+        """The slot of each request, given as (tenant or None, the mask version it was admitted with or None for
+        its tenant's current one), loading masks that are not resident.
 
-        `live` gives the tenants of every request the worker still holds; their slots are evicted only if no other
-        slot is free, and the slots this step uses are never evicted.
+        `live` gives the mask keys of every request the worker still holds; their slots are evicted only if no
+        other slot is free, and the slots this step uses are never evicted.
         """
-        chosen: dict[str | None, int] = {}
-        for tenant in tenants:
-            if tenant not in chosen:
-                chosen[tenant] = self._slot_for(tenant, chosen, live)
-        return [chosen[tenant] for tenant in tenants]
+        chosen: dict[tuple[str | None, str | None], int] = {}
+        by_key: dict[str, int] = {}
+        for request in requests:
+            if request not in chosen:
+                chosen[request] = self._slot_for(*request, by_key, live)
+        return [chosen[request] for request in requests]
 
-    def _slot_for(self, tenant: str | None, step: dict[str | None, int], live: Callable[[], set[str]]) -> int:
+    def key(self, tenant: str, version: str | None) -> str | None:
+        """The key of the mask a request of `tenant` admitted with `version` (None: the tenant's current) runs with."""
+        return self._current.get(tenant) if version is None else mask_key(tenant, version)
+
+    def _slot_for(self, tenant: str | None, version: str | None, step: dict[str, int],
+                  live: Callable[[], set[str]]) -> int:
         if tenant is None:
             if not self.deny_untagged:
                 return IDENTITY_SLOT
             self.counters.untagged += 1
             logger.error("depn: a request with no tenant reached the model; its tokens use the deny row")
             return DENY_SLOT
-        mask = self._masks.get(tenant)
+        key = self.key(tenant, version)
+        mask = self._masks.get(key) if key is not None else None
         if mask is None:
-            self.counters.unknown += 1
-            logger.error("depn: tenant %r has no mask bound in this worker; its tokens use the deny row", tenant)
+            if version is None or tenant not in self._current:
+                self.counters.unknown += 1
+                logger.error("depn: tenant %r has no mask bound in this worker; its tokens use the deny row", tenant)
+            else:
+                self.counters.stale += 1
+                if key not in self._warned:
+                    self._warned.add(key)
+                    logger.error("depn: a request of tenant %r was admitted with a mask this worker does not hold "
+                                 "(%s); its tokens use the deny row", tenant, version)
             return DENY_SLOT
         if mask.packed is None:
             return IDENTITY_SLOT
-        if tenant in self._resident:
-            slot, version = self._resident[tenant]
-            self._resident.move_to_end(tenant)
-            if version != mask.version:
+        if key in step:
+            return step[key]
+        if key in self._resident:
+            slot, loaded = self._resident[key]
+            self._resident.move_to_end(key)
+            if loaded is not mask:
                 self._upload(slot, mask)
-                self._resident[tenant] = (slot, mask.version)
+                self._resident[key] = (slot, mask)
+            step[key] = slot
             return slot
         slot = self._free.pop() if self._free else self._evict(set(step), live)
         if slot is None:
@@ -149,12 +205,13 @@ class MaskSlots:
             logger.error("depn: more distinct masks in one step than %d slots; tenant %r denied", self.num_slots, tenant)
             return DENY_SLOT
         self._upload(slot, mask)
-        self._resident[tenant] = (slot, mask.version)
+        self._resident[key] = (slot, mask)
         self.counters.loads += 1
+        step[key] = slot
         return slot
 
-    def _evict(self, in_step: set[str | None], live: Callable[[], set[str]]) -> int | None:
-        candidates = [t for t in self._resident if t not in in_step]
+    def _evict(self, in_step: set[str], live: Callable[[], set[str]]) -> int | None:
+        candidates = [k for k in self._resident if k not in in_step]
         if not candidates:
             return None
         still_used = live()
@@ -168,30 +225,3 @@ class MaskSlots:
         if self.device.type == "cuda":
             rows = rows.pin_memory()  # the caching host allocator keeps it alive until the copy has run
         self.words[:, slot].copy_(rows, non_blocking=True)
-
-
-def held_back(running: set[str], waiting: Sequence[tuple[str | None, float]], slots: int, now: float,
-              fair_after: float) -> list[int]:
-    """Positions in `waiting` ((tenant, arrival time), in queue order) of the requests that must wait so that at
-    most `slots` distinct masks are in flight; `running`: the tenants with requests in flight.
-
-    A running tenant's requests go ahead and new tenants take free slots in queue order, like vLLM's `max_loras` —
-    until the first request held for want of a slot has waited `fair_after` seconds. Then the next slot is that
-    tenant's: a free one at once, else nothing else starts while the running tenants drain. So no tenant waits longer
-    than `fair_after` plus the time the requests in flight of one tenant take to finish.
-    """
-    tenants = set(running)
-    starving = next((t for t, arrived in waiting if t is not None and t not in tenants and now - arrived > fair_after),
-                    None)
-    if starving is not None and len(tenants) < slots:
-        tenants.add(starving)  # a free slot: it is the starving tenant's, whatever the queue order
-        starving = None
-    held = []
-    for position, (tenant, _) in enumerate(waiting):
-        if tenant is None:
-            continue
-        if starving is None and (tenant in tenants or len(tenants) < slots):
-            tenants.add(tenant)
-        else:  # no slot for it, or the running tenants drain until one frees for the starving tenant
-            held.append(position)
-    return held

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 WORKER_EXTENSION_CLS = "depn_serve_patches.vllm_0_32.worker.DepnWorkerExtension"
+BENCH_WORKER_EXTENSION_CLS = "depn_serve_patches.vllm_0_32.worker.DepnBenchWorkerExtension"  # never in a server
 
 _installed = False
 

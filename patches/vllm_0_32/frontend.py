@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 from http import HTTPStatus
 
 from prometheus_client import CollectorRegistry
+from vllm import envs
 from vllm.exceptions import GracefulHTTPError, VLLMValidationError
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -18,6 +20,8 @@ from depn_serve.core.errors import DepnError
 from depn_serve.serving.request import reserved_keys
 from depn_serve.serving.server.http import AuthMiddleware, admin_router, current_request
 from depn_serve.serving.server.state import ServingState, StateSpec
+
+MODEL_FREE_SPECULATION = ("ngram", "ngram_gpu", "suffix")  # proposals drawn from the request's own tokens
 
 
 def prometheus_registry():
@@ -39,6 +43,18 @@ def parse_args(argv: list[str]):
     if (args.prefill_context_parallel_size or 1) > 1:
         raise DepnError("--prefill-context-parallel-size: prefill context parallelism is not supported with "
                         "per-tenant masks")
+    # vLLM would load adapters named by a request (resolvers) or through its own routes, outside the tenants file.
+    if envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
+        raise DepnError("VLLM_ALLOW_RUNTIME_LORA_UPDATING: runtime LoRA loading is refused by depn serve; list the "
+                        "adapters with --lora-modules and give each to its tenant (`lora_adapters` in the tenants "
+                        "file)")
+    # A draft (a separate model, or heads of this one) runs without the tenant's mask: its proposals, and the
+    # acceptance rate that shows in every token's timing, come from the unmasked weights.
+    method = (args.speculative_config or {}).get("method")
+    if args.speculative_config and (method not in MODEL_FREE_SPECULATION or args.speculative_config.get("model")):
+        raise DepnError(f"--speculative-config {json.dumps(args.speculative_config)}: speculative decoding with a "
+                        "draft model runs without the tenant's mask and is refused; the model-free methods "
+                        f"({', '.join(MODEL_FREE_SPECULATION)}) are accepted")
     validate_parsed_serve_args(args)
     return args
 
@@ -113,7 +129,8 @@ def _bind_requests(state: ServingState) -> None:
     add_request = AsyncLLM.add_request
     generate = AsyncLLM.generate
 
-    async def patched_add_request(self, request_id, prompt, params, *args, **kwargs):
+    async def patched_add_request(self, request_id, prompt, params, arrival_time=None, lora_request=None, *args,
+                                  **kwargs):
         request = current_request.get()  # admitted by the auth layer, with the mask version it admitted
         if request is None:
             raise GracefulHTTPError("depn-serve: no authenticated tenant for this request", HTTPStatus.UNAUTHORIZED)
@@ -125,27 +142,47 @@ def _bind_requests(state: ServingState) -> None:
             raise VLLMValidationError(
                 f"vllm_xargs keys {reserved} are reserved: the mask comes from the API key", parameter="vllm_xargs"
             )
+        if "kv_transfer_params" in (params.extra_args or {}):
+            state.metrics.refused.labels("400").inc()
+            raise VLLMValidationError("kv_transfer_params: KV transfer is not open to tenants under depn serve",
+                                      parameter="kv_transfer_params")
+        if lora_request is not None and not _owns(state, request.tenant, lora_request.lora_name):
+            state.metrics.refused.labels("404").inc()  # the answer vLLM gives for a model it does not serve
+            raise GracefulHTTPError(f"The model `{lora_request.lora_name}` does not exist.", HTTPStatus.NOT_FOUND)
         # A copy: vLLM reuses the caller's params across the requests one API call fans out into (beam search,
         # generative scoring), and each of them must pass the reserved-key check above.
         params = copy.copy(params)
         params.extra_args = {**(params.extra_args or {}), **request.to_extra_args()}
         state.metrics.requests.labels(state.metrics.tenant_label(request.tenant)).inc()
-        return await add_request(self, request_id, prompt, params, *args, **kwargs)
+        return await add_request(self, request_id, prompt, params, arrival_time, lora_request, *args, **kwargs)
 
     async def patched_generate(self, prompt, sampling_params, request_id, *args, **kwargs):
         request = current_request.get()
         delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
         waiting = object()
         state.metrics.waiting(waiting, request.tenant if request is not None else None)
+        charged: int | None = None  # generated tokens counted against the tenant's minute (None: not the prompt yet)
         try:
             async for output in generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+                if request is not None:
+                    count = sum(len(c.token_ids) for c in output.outputs)  # new tokens (delta), or all so far
+                    if charged is None:
+                        state.limiter.charge(request.tenant, len(output.prompt_token_ids or ()))
+                        charged = 0
+                    state.limiter.charge(request.tenant, count if delta else count - charged)
+                    charged = charged + count if delta else count
+                    if delta or output.finished:
+                        label = state.metrics.tenant_label(request.tenant)
+                        state.metrics.generated_tokens.labels(label).inc(count)
                 state.metrics.started(waiting)
-                if request is not None and (delta or output.finished):
-                    count = sum(len(c.token_ids) for c in output.outputs)
-                    state.metrics.generated_tokens.labels(state.metrics.tenant_label(request.tenant)).inc(count)
                 yield output
         finally:
             state.metrics.finished(waiting)
 
     AsyncLLM.add_request = patched_add_request
     AsyncLLM.generate = patched_generate
+
+
+def _owns(state: ServingState, tenant_id: str, adapter: str) -> bool:
+    tenant = state.tenants.find(tenant_id)
+    return tenant is not None and adapter in tenant.lora_adapters

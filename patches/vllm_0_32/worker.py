@@ -27,12 +27,12 @@ from vllm.v1.worker.gpu_worker import Worker
 from depn_serve.core.arch import SERVABLE_MODEL_TYPES
 from depn_serve.serving.kernels import (Backend, keep_table, mask_bits_, mask_triton, select_backend,
                                         silu_and_mul_masked_triton)
-from depn_serve.serving.request import tenant_of
+from depn_serve.serving.request import MaskRequest
 from depn_serve.serving.slots import MaskSlots
 
 logger = init_logger(__name__)
 
-NOT_A_TENANT = ""  # requests without sampling params (pooling) get the deny row
+NOT_A_TENANT = ("", None)  # requests without sampling params (pooling) get the deny row
 
 
 class WorkerMasks:
@@ -105,11 +105,14 @@ class WorkerMasks:
             self._steps.append((*self._step, seconds))
             self._step = None
 
+    def live(self, runner: GPUModelRunner) -> set[str]:
+        """The mask keys of every request this worker holds."""
+        return {self.slots.key(*_mask_of(s)) for s in runner.requests.values() if _mask_of(s)[0]} - {None}
+
     def fill(self, runner: GPUModelRunner, num_scheduled_tokens: np.ndarray) -> None:
         requests = runner.requests
         req_ids = runner.input_batch.req_ids[: runner.input_batch.num_reqs]
-        tenants = [_tenant(requests[r]) for r in req_ids]
-        slots = self.slots.assign(tenants, lambda: {_tenant(s) for s in requests.values()})
+        slots = self.slots.assign([_mask_of(requests[r]) for r in req_ids], lambda: self.live(runner))
         n = int(num_scheduled_tokens.sum())
         self.index.np[:n] = np.repeat(np.asarray(slots, dtype=np.int32), num_scheduled_tokens)
         self.index.copy_to_gpu(n)
@@ -120,9 +123,13 @@ class WorkerMasks:
             self._step = (n, masked)
 
 
-def _tenant(state) -> str | None:
+def _mask_of(state) -> tuple[str | None, str | None]:
+    """(tenant, the mask version it was admitted with, or None for its tenant's current one) of a request."""
     params = state.sampling_params
-    return NOT_A_TENANT if params is None else tenant_of(params.extra_args)
+    if params is None:
+        return NOT_A_TENANT
+    request = MaskRequest.from_extra_args(params.extra_args)
+    return (None, None) if request is None else (request.tenant, request.digest)
 
 
 def _mlps(model: torch.nn.Module, num_layers: int) -> dict[int, torch.nn.Module]:
@@ -224,15 +231,21 @@ class DepnWorkerExtension:
     """Methods the server calls in every worker through `collective_rpc` (errors here do not kill the engine)."""
 
     def depn_bind(self, tenant: str, version: str, packed: bytes | None) -> None:
-        self.model_runner._depn.slots.bind(tenant, version, packed)
+        masks = self.model_runner._depn
+        masks.slots.bind(tenant, version, packed, lambda: masks.live(self.model_runner))
 
     def depn_bind_many(self, binds: list[tuple[str, str, bytes | None]]) -> None:
         """Every tenant at start-up in one call (thousands of tenants would otherwise be thousands of calls)."""
         for tenant, version, packed in binds:
-            self.model_runner._depn.slots.bind(tenant, version, packed)
+            self.depn_bind(tenant, version, packed)
 
     def depn_status(self) -> dict:
         return self.model_runner._depn.status()
+
+
+class DepnBenchWorkerExtension(DepnWorkerExtension):
+    """The benchmarks' controls on top (`engine_kwargs(bench=True)`): they switch masking off, so a served engine,
+    whose operator routes reach `collective_rpc`, never has them."""
 
     def depn_set_masking(self, on: bool) -> None:
         self.model_runner._depn.set_masking(on)

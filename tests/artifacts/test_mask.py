@@ -12,10 +12,12 @@ from depn_serve.artifacts.mask import (
     MaskProvenance,
     NeuronMask,
     first_n,
+    pack_bits,
     random_order,
 )
 from depn_serve.core.arch import MlpShape, load_model, mlp_shape
 from depn_serve.core.fingerprint import model_fingerprint
+from depn_serve.core.selectors import MaskPolicy
 from depn_serve.editing import masked
 from depn_serve.selection.vote import tally_votes, vote_order
 from tests.helpers import make_tiny_model
@@ -34,6 +36,29 @@ def _mask(fp, off=None, tenant="acme"):
 @pytest.fixture(scope="module")
 def fp(tiny_model_dir):
     return model_fingerprint(tiny_model_dir)
+
+
+def test_whom_a_mask_is_made_for(tmp_path, fp):
+    """An isolation mask is made for the tenant whose records it keeps; another mask for none in particular, unless
+    it says so; a file from before `made_for` reads its isolation policy."""
+    isolation = MaskProvenance(method="test", policy=MaskPolicy.isolation("acme"))
+    assert _mask(fp).manifest.made_for is None
+    made = NeuronMask.create("acme", fp, SHAPE, _mask(fp).off, isolation)
+    assert made.manifest.made_for == "acme"
+    assert _mask(fp).made_for("globex").manifest.made_for == "globex"
+    with pytest.raises(MaskError, match="an isolation mask is made for that tenant"):
+        made.made_for("globex")
+
+    old = json.loads(made.manifest.model_dump_json())
+    del old["made_for"]
+    path = tmp_path / "old.safetensors"
+    bits = {BITS_KEY: torch.from_numpy(pack_bits(made.off))}
+    path.write_bytes(st_save(bits, metadata={MANIFEST_KEY: json.dumps(old)}))
+    assert NeuronMask.load(path).manifest.made_for == "acme"
+
+    assert MaskPolicy.isolation("acme").isolates() == "acme" and MaskPolicy.own_records("acme").isolates() is None
+    assert MaskPolicy(tenant="acme", forget=("all",)).isolates() is None
+    assert MaskPolicy(tenant="acme", forget=("tenant=globex", "tenant!=acme")).forgets_all_but("acme")
 
 
 def test_roundtrip_and_bits(tmp_path, fp):

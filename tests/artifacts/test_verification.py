@@ -8,8 +8,14 @@ from click.testing import CliRunner
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from depn_serve.artifacts.mask import MANIFEST_KEY, MaskError, MaskProvenance, NeuronMask
-from depn_serve.artifacts.verification import Criteria, RecordVerdict, judge
+from depn_serve.artifacts.criteria import Criteria
+from depn_serve.artifacts.mask import (
+    MANIFEST_KEY,
+    MaskError,
+    MaskProvenance,
+    NeuronMask,
+)
+from depn_serve.artifacts.verification import RecordVerdict, judge
 from depn_serve.cli import main
 from depn_serve.core.arch import MlpShape
 from depn_serve.core.fingerprint import model_fingerprint

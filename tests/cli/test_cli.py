@@ -152,6 +152,15 @@ def test_aggregate_with_a_policy(tmp_path, tiny_model_dir, tiny_records_file):
     assert res.exit_code == 0, res.output
     manifest = NeuronMask.load(mask_path).manifest
     assert manifest.provenance.policy.forget == ("tenant!=acme",) and manifest.provenance.records == 2
+    assert manifest.made_for == "acme" and "made for tenant 'acme'" in res.output  # an isolation mask
+    res = _run("aggregate", scores, "--tenant", "acme", "--method", "vote", "--out", mask_path)
+    assert NeuronMask.load(mask_path).manifest.made_for is None and "made for any tenant" in res.output
+    res = _run("aggregate", scores, "--tenant", "acme", "--for", "globex", "--method", "vote", "--out", mask_path)
+    assert res.exit_code == 0 and NeuronMask.load(mask_path).manifest.made_for == "globex"
+    assert "made for tenant globex" in _run("masks", "inspect", mask_path).output
+    res = _run("aggregate", scores, "--tenant", "acme", "--for", "globex", "--forget", "tenant!=acme", "--method",
+               "vote", "--records", tiny_records_file, "--out", mask_path)
+    assert res.exit_code == 1 and "an isolation mask is made for that tenant" in res.output
     res = _run("aggregate", scores, "--tenant", "acme", "--forget", "tenant!=acme", "--method", "vote",
                "--out", mask_path)
     assert res.exit_code == 1 and "needs the records file (--records)" in res.output

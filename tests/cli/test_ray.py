@@ -4,6 +4,7 @@ results as the single-process run, bit for bit."""
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -33,22 +34,30 @@ def _run(*args):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A Ray head on this machine with two CPUs and token authentication, as an operator would start one (`ray
-    start --head`); this process connects as a driver with the token."""
+    start --head`, with the cluster's token in a file of its own); this process connects as a driver with that
+    token. Nothing is read from `~/.ray`, so the test runs on a machine that never ran Ray."""
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
     ray_bin = str(Path(sys.executable).with_name("ray"))
     temp = tmp_path_factory.mktemp("ray")
+    (temp / "auth_token").write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(temp / "auth_token")}
     subprocess.run([ray_bin, "start", "--head", "--port", str(port),
                     "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
-                    "--temp-dir", str(temp)], check=True, capture_output=True, timeout=120,
-                   env={**os.environ, "RAY_AUTH_MODE": "token"})
-    before = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
+                    "--temp-dir", str(temp)], check=True, capture_output=True, timeout=120, env={**os.environ, **auth})
+    before = {name: os.environ.get(name) for name in auth}
+    os.environ.update(auth)
+    # A Ray task computes on one thread (`core.cluster`); the one-process runs compared with it must too: on some
+    # CPUs a matrix product's sums come out in another order on two threads, and the claim is bit for bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         yield f"{socket.gethostbyname(socket.gethostname())}:{port}"
     finally:
-        os.environ.pop("RAY_AUTH_MODE") if before is None else os.environ.update(RAY_AUTH_MODE=before)
+        torch.set_num_threads(threads)
+        for name, value in before.items():
+            os.environ.pop(name) if value is None else os.environ.update({name: value})
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -101,6 +101,12 @@ def only(manifests: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found[0]
 
 
+def named(manifests: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [doc for doc in manifests if doc.get("kind") == kind and doc["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} {kind} named {name} in {K8S.name}, expected one"
+    return found[0]
+
+
 def pod_spec(manifests: list[dict[str, Any]]) -> dict[str, Any]:
     return only(manifests, "Deployment")["spec"]["template"]["spec"]
 
@@ -149,7 +155,7 @@ def test_manifests_validate_against_the_kubernetes_schemas(manifests: list[dict[
 def test_every_resource_is_there_once(manifests: list[dict[str, Any]]) -> None:
     kinds = sorted(doc["kind"] for doc in manifests)
     assert kinds == sorted(["ConfigMap", "Deployment", "PersistentVolumeClaim", "PodDisruptionBudget", "Secret",
-                            "Service", "ServiceMonitor"])
+                            "Secret", "Service", "ServiceMonitor"])  # Secrets: the admin and the metrics token
     assert only(manifests, "Deployment")["spec"]["replicas"] == 2
 
 
@@ -178,6 +184,13 @@ def test_service_monitor_scrapes_the_service(manifests: list[dict[str, Any]]) ->
         target = service_ports[endpoint["port"]]["targetPort"]
         assert target in container_ports or target in container_ports.values(), \
             f"the Service's port {endpoint['port']!r} targets {target!r}, which the container does not expose"
+        # /metrics answers only to a token: the metrics token, from the Secret and key the pods read it from.
+        authorization = endpoint.get("authorization")
+        assert authorization and authorization.get("type", "Bearer") == "Bearer", f"no bearer token: {endpoint}"
+        metrics_token = projected_files(manifests)[str(serve_args(container(manifests)["args"]).depn[
+            "metrics_token_file"])]
+        assert ("Secret", authorization["credentials"]["name"], authorization["credentials"]["key"]) == \
+            metrics_token, f"the ServiceMonitor sends {authorization['credentials']}, the pods read {metrics_token}"
 
 
 def test_probes_hit_health_on_the_served_port(manifests: list[dict[str, Any]]) -> None:
@@ -195,47 +208,55 @@ def test_probes_hit_health_on_the_served_port(manifests: list[dict[str, Any]]) -
     assert budget >= 15 * 60, f"the startup probe allows {budget} s for model load and mask restore"
 
 
+def mount_of(manifests: list[dict[str, Any]], path: str) -> dict[str, Any]:
+    """The container's mount that holds `path` (the deepest one)."""
+    found = [mount for mount in container(manifests)["volumeMounts"] if under(path, mount["mountPath"])]
+    assert found, f"{path} is on no mounted volume"
+    return max(found, key=lambda mount: len(mount["mountPath"]))
+
+
+def projected_files(manifests: list[dict[str, Any]]) -> dict[str, tuple[str, str, str]]:
+    """Every file the container sees from a ConfigMap or Secret item: path -> (kind, object name, key)."""
+    volumes = {volume["name"]: volume for volume in pod_spec(manifests)["volumes"]}
+    files = {}
+    for mount in container(manifests)["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        sources = volume["projected"]["sources"] if "projected" in volume else [volume]
+        for source in sources:
+            for kind, ref in (("ConfigMap", source.get("configMap")), ("Secret", source.get("secret"))):
+                for item in (ref or {}).get("items", []):
+                    files[str(PurePosixPath(mount["mountPath"]) / item["path"])] = (
+                        kind, ref.get("name") or ref.get("secretName"), item["key"])
+    return files
+
+
 def test_container_runs_depn_serve_on_mounted_files(manifests: list[dict[str, Any]]) -> None:
     main, spec = container(manifests), pod_spec(manifests)
     assert main["command"] == ["depn", "serve"]
     args = serve_args(main["args"])
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
-    mounts = {mount["mountPath"]: mount for mount in main["volumeMounts"]}
+    projected = projected_files(manifests)
 
-    def mount_of(path: str) -> dict[str, Any]:
-        found = [mount for mount_path, mount in mounts.items() if under(path, mount_path)]
-        assert found, f"{path} is on no mounted volume"
-        return max(found, key=lambda mount: len(mount["mountPath"]))
-
-    # The tenants file and the admin token: a ConfigMap and a Secret of these manifests, mounted without subPath
-    # (a subPath mount never sees a ConfigMap update, and the server re-reads the tenants file when it changes).
-    projected: dict[str, tuple[str, str, str]] = {}  # file name -> (kind, object name, key)
-    for option, kind in (("tenants_path", "ConfigMap"), ("token_file", "Secret")):
-        path = args.depn[option]
-        mount = mount_of(path)
-        assert "subPath" not in mount, f"{path} is mounted with subPath"
-        volume = volumes[mount["name"]]
-        sources = volume["projected"]["sources"] if "projected" in volume else [volume]
-        for source in sources:
-            for source_kind, ref in (("ConfigMap", source.get("configMap")), ("Secret", source.get("secret"))):
-                if ref:
-                    name = ref.get("name") or ref.get("secretName")
-                    for item in ref["items"]:
-                        projected[str(PurePosixPath(mount["mountPath"]) / item["path"])] = (source_kind, name,
-                                                                                          item["key"])
+    # The tenants file and the two tokens: a ConfigMap and Secrets of these manifests, mounted without subPath (a
+    # subPath mount never sees a ConfigMap update, and the server re-reads the tenants file when it changes).
+    for option, kind in (("tenants_path", "ConfigMap"), ("token_file", "Secret"), ("metrics_token_file", "Secret")):
+        assert args.depn.get(option), f"depn serve gets no --{option.replace('_', '-')}"
+        path = str(args.depn[option])
+        assert "subPath" not in mount_of(manifests, path), f"{path} is mounted with subPath"
         assert path in projected, f"{path} comes from no ConfigMap or Secret item"
         source_kind, name, key = projected[path]
         assert source_kind == kind, f"{path} comes from a {source_kind}, expected a {kind}"
-        obj = only(manifests, kind)
-        assert obj["metadata"]["name"] == name, f"{path}: {kind} {name} is not in the manifests"
+        obj = named(manifests, kind, name)
         assert key in {**obj.get("data", {}), **obj.get("stringData", {})}, f"{kind} {name} has no key {key}"
+    # Two tokens, two Secrets: Prometheus (which reads the metrics token's Secret) never gets the admin token.
+    assert projected[str(args.depn["token_file"])][1] != projected[str(args.depn["metrics_token_file"])][1]
 
-    store = args.depn["mask_store"]
-    store_volume = volumes[mount_of(store)["name"]]
-    assert mount_of(store)["mountPath"] == store and not mount_of(store).get("readOnly")
-    assert store_volume["persistentVolumeClaim"]["claimName"] == \
+    store = str(args.depn["mask_store"])
+    store_mount = mount_of(manifests, store)
+    assert store_mount["mountPath"] == store and not store_mount.get("readOnly")
+    assert volumes[store_mount["name"]]["persistentVolumeClaim"]["claimName"] == \
         only(manifests, "PersistentVolumeClaim")["metadata"]["name"]
-    assert mount_of(args.depn["model_dir"]).get("readOnly") is True
+    assert mount_of(manifests, str(args.depn["model_dir"])).get("readOnly") is True
     assert main["image"].endswith(f":{pyproject()['project']['version']}-cuda"), main["image"]
 
 
@@ -272,9 +293,12 @@ def test_default_tenants_file_and_token_placeholder(manifests: list[dict[str, An
     tenants = only(manifests, "ConfigMap")["data"]["tenants.yaml"]
     TenantsConfig.parse(tenants.encode(), Path("tenants.yaml"))  # raises if depn serve would refuse it
     assert "api_keys" not in tenants or "sha256" in tenants
-    placeholder = only(manifests, "Secret")["stringData"]["admin.token"]
-    # Too short for depn serve: a release applied with the placeholder does not start, so it is never a live token.
-    assert len(placeholder.strip()) < MIN_ADMIN_TOKEN
+    # Too short for depn serve: a release applied with a placeholder does not start, so it is never a live token.
+    args = serve_args(container(manifests)["args"])
+    files = projected_files(manifests)
+    for option in ("token_file", "metrics_token_file"):
+        _, name, key = files[str(args.depn[option])]
+        assert len(named(manifests, "Secret", name)["stringData"][key].strip()) < MIN_ADMIN_TOKEN
 
 
 def test_chart_app_version_is_the_package_version(manifests: list[dict[str, Any]]) -> None:
@@ -491,7 +515,7 @@ def test_compose_commands_use_options_depn_serve_accepts(compose: dict[str, Any]
         service = compose["services"][name]
         args = serve_args(argv)
         targets = [volume["target"] for volume in mounts(service)]
-        for option in ("tenants_path", "token_file", "model_dir"):
+        for option in ("tenants_path", "token_file", "metrics_token_file", "model_dir"):
             assert any(under(str(args.depn[option]), target) for target in targets), \
                 f"{name}: {args.depn[option]} is on no mount"
         assert args.vllm_value("--host") == "0.0.0.0", f"{name}: unreachable from Prometheus on loopback only"
@@ -500,13 +524,27 @@ def test_compose_commands_use_options_depn_serve_accepts(compose: dict[str, Any]
         assert service["image"].endswith(f":{pyproject()['project']['version']}-cpu"), service["image"]
 
 
-def test_prometheus_scrapes_both_replicas(compose: dict[str, Any]) -> None:
+def prometheus_config(compose: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(where the compose Prometheus reads its config, the config mounted there)."""
     prometheus = compose["services"]["prometheus"]
     config_flag = [arg for arg in prometheus["command"] if arg.startswith("--config.file=")]
     config_path = config_flag[0].split("=", 1)[1] if config_flag else "/etc/prometheus/prometheus.yml"
     [source] = [v["source"] for v in mounts(prometheus) if v["target"] == config_path] or [None]
     assert source, f"nothing is mounted at {config_path}"
-    config = yaml.safe_load((COMPOSE.parent / source).read_text())
+    return config_path, yaml.safe_load((COMPOSE.parent / source).read_text())
+
+
+def mounted_source(service: dict[str, Any], path: str) -> str:
+    """The host path a service sees at `path`, as compose.yaml writes it (variables unexpanded)."""
+    found = [v for v in mounts(service) if under(path, v["target"])]
+    assert found, f"{path} is on no mount"
+    volume = max(found, key=lambda v: len(v["target"]))
+    rest = PurePosixPath(path).relative_to(volume["target"])
+    return volume["source"] if rest == PurePosixPath(".") else f"{volume['source'].rstrip('/')}/{rest}"
+
+
+def test_prometheus_scrapes_both_replicas(compose: dict[str, Any]) -> None:
+    _, config = prometheus_config(compose)
     targets = set()
     for job in config["scrape_configs"]:
         if job.get("metrics_path", "/metrics") == "/metrics":
@@ -515,6 +553,26 @@ def test_prometheus_scrapes_both_replicas(compose: dict[str, Any]) -> None:
     for name, argv in depn_services(compose).items():
         port = serve_args(argv).vllm_value("--port") or "8000"
         assert f"{name}:{port}" in targets, f"Prometheus does not scrape {name}:{port}; it scrapes {sorted(targets)}"
+
+
+def test_prometheus_reads_metrics_with_the_replicas_metrics_token(compose: dict[str, Any]) -> None:
+    """/metrics answers only to a token: every scrape job sends the file the replicas read as --metrics-token-file,
+    and Prometheus is given that one file, not the folder that holds the admin token too."""
+    prometheus = compose["services"]["prometheus"]
+    config_path, config = prometheus_config(compose)
+    replicas = {name: serve_args(argv).depn for name, argv in depn_services(compose).items()}
+    for job in config["scrape_configs"]:
+        credentials = (job.get("authorization") or {}).get("credentials_file")
+        assert credentials, f"scrape job {job['job_name']} sends no token from a file"
+        seen_as = mounted_source(prometheus, str(PurePosixPath(config_path).parent / credentials))  # relative to it
+        for name, depn in replicas.items():
+            assert depn.get("metrics_token_file"), f"{name} runs without --metrics-token-file"
+            read = mounted_source(compose["services"][name], str(depn["metrics_token_file"]))
+            assert seen_as == read, f"Prometheus sends {seen_as}, {name} reads {read}"
+    for name, depn in replicas.items():
+        admin = mounted_source(compose["services"][name], str(depn["token_file"]))
+        for volume in mounts(prometheus):
+            assert not under(admin, volume["source"]), f"Prometheus mounts {volume['source']}, which holds {admin}"
 
 
 def test_health_checks_and_start_order(compose: dict[str, Any]) -> None:
@@ -547,6 +605,39 @@ def test_grafana_is_provisioned_with_the_prometheus_datasource(compose: dict[str
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the tenants file example
+
+
+def test_tenants_example_is_a_tenants_file_depn_serve_accepts() -> None:
+    from depn_serve.serving.server.tenants import Limits, TenantsConfig
+
+    path = DEPLOY / "tenants.example.yaml"
+    config = TenantsConfig.load(path)  # raises what depn serve would refuse it for
+    assert config.limits == Limits(), "the example's `limits` are said to be the defaults"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# systemd
+
+
+def unit_argv() -> list[str]:
+    """ExecStart of deploy/depn-serve.service, split as systemd does (continuation lines joined)."""
+    import shlex
+
+    text = (DEPLOY / "depn-serve.service").read_text().replace("\\\n", " ")
+    [line] = [line for line in text.splitlines() if line.startswith("ExecStart=")]
+    return shlex.split(line.removeprefix("ExecStart="))
+
+
+def test_systemd_unit_runs_depn_serve_with_both_tokens() -> None:
+    argv = unit_argv()
+    assert PurePosixPath(argv[0]).name == "depn" and argv[1] == "serve", argv[:2]
+    args = serve_args(argv[2:])
+    assert args.depn.get("metrics_token_file"), "no --metrics-token-file: Prometheus would need the admin token"
+    assert args.depn["metrics_token_file"] != args.depn["token_file"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # vLLM's own parser, for every vLLM option in deploy/
 
 
@@ -558,6 +649,7 @@ def every_vllm_argv() -> dict[str, list[str]]:
         found[f"compose {name}"] = serve_args(argv).vllm
     for flavour, path in DOCKERFILES.items():
         found[path.name] = serve_args(image_argv(stages(path)[-1])[2:]).vllm
+    found["depn-serve.service"] = serve_args(unit_argv()[2:]).vllm
     return found
 
 

@@ -2,10 +2,11 @@
 
 Fast: `promtool` checks the rules and both Prometheus configs, runs the rules' unit tests (every alert fires from
 synthetic series, none for a healthy replica), and the dashboard JSON is checked against the provisioned datasource.
-Slow: a real `depn serve` on loopback with two tenants, scraped by a real Prometheus (Debian's package, fetched by
-scripts/get_prometheus.sh) that loads the rules; every dashboard query and every recording rule must return data, and
-every alert rule must evaluate. A query that names a series the server does not export, or a label it does not
-carry, returns nothing and fails here.
+Slow: a real `depn serve` on loopback with two tenants, scraped with its metrics token by a real Prometheus (Debian's
+package, fetched by scripts/get_prometheus.sh) that loads the rules; every dashboard query and every recording rule
+must return data, and every alert rule must evaluate. A query that names a series the server does not export, or a
+label it does not carry, returns nothing and fails here. Then a tenant limit and a tenant the server cannot keep up
+with the mask store put their alerts in the pending state.
 """
 
 from __future__ import annotations
@@ -100,11 +101,39 @@ def test_rules_pass_promtool_check() -> None:
     assert f"SUCCESS: {len(recording_rules()) + len(alert_rules())} rules found" in output, output
 
 
+def credentials_files(config: dict[str, Any]) -> list[str]:
+    return [job["authorization"]["credentials_file"] for job in config["scrape_configs"]
+            if (job.get("authorization") or {}).get("credentials_file")]
+
+
 @pytest.mark.parametrize("config", PROMETHEUS_CONFIGS, ids=lambda path: path.name)
-def test_prometheus_config_passes_promtool_check_and_loads_the_rules(config: Path) -> None:
-    promtool("check", "config", str(config))  # also checks every rule file it names
-    rule_files = [(config.parent / name).resolve() for name in yaml.safe_load(config.read_text())["rule_files"]]
+def test_prometheus_config_passes_promtool_check_and_loads_the_rules(config: Path, tmp_path: Path) -> None:
+    doc = yaml.safe_load(config.read_text())
+    rule_files = [(config.parent / name).resolve() for name in doc["rule_files"]]
     assert RULES in rule_files, f"{config.name} does not load {RULES.relative_to(ROOT)}: {rule_files}"
+    # promtool also checks every file the config names: the rules, and the token file, which is installed with it
+    # (relative to it), not kept in deploy/. So the check runs on a copy with the rules beside it and a token file.
+    copy = tmp_path / config.name
+    copy.write_text(config.read_text())
+    for name in doc["rule_files"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).symlink_to((config.parent / name).resolve())
+    for name in credentials_files(doc):
+        assert not Path(name).is_absolute(), f"{config.name}: {name}: keep it relative to the config, like the rules"
+        (tmp_path / name).write_text("a-token-for-the-check-only\n")
+    promtool("check", "config", str(copy))
+
+
+@pytest.mark.parametrize("config", PROMETHEUS_CONFIGS, ids=lambda path: path.name)
+def test_prometheus_config_sends_the_metrics_token(config: Path) -> None:
+    """/metrics answers 401 without a token: every depn-serve job sends one, from a file (never written into the
+    config, which is no secret)."""
+    jobs = [job for job in yaml.safe_load(config.read_text())["scrape_configs"] if job["job_name"] == JOB]
+    assert jobs, f"{config.name} has no {JOB} job"
+    for job in jobs:
+        authorization = job.get("authorization") or {}
+        assert authorization.get("type", "Bearer") == "Bearer" and authorization.get("credentials_file"), job
+        assert "credentials" not in authorization and "bearer_token" not in job, f"{config.name}: a token inline"
 
 
 def test_compose_mounts_the_rules_where_its_config_names_them() -> None:
@@ -215,14 +244,17 @@ class Prometheus:
             self.proc.wait()
 
 
-def start_prometheus(work: Path, target: str) -> Prometheus:
-    """Prometheus on a free loopback port, scraping `target` every second and evaluating the rules every second."""
+def start_prometheus(work: Path, target: str, token_file: Path) -> Prometheus:
+    """Prometheus on a free loopback port, scraping `target` with the metrics token in `token_file` every second
+    and evaluating the rules every second."""
     from depn_serve.serving.process import free_port
 
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": JOB, "metrics_path": "/metrics", "static_configs": [{"targets": [target]}]}],
+        "scrape_configs": [{"job_name": JOB, "metrics_path": "/metrics",
+                            "authorization": {"credentials_file": str(token_file)},
+                            "static_configs": [{"targets": [target]}]}],
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
@@ -256,16 +288,28 @@ def wait_for(what: str, check, timeout: float = 30) -> Any:
         time.sleep(0.5)
 
 
-def random_mask(model_dir: Path, tenant: str, seed: int):
+def random_mask(model_dir: Path, tenant: str, seed: int, fingerprint=None):
     """A mask with a tenth of the MLP neurons off, for `tenant` (no certificate: the server runs with
-    --allow-unverified, which the dashboard and an alert show)."""
+    --allow-unverified, which the dashboard and an alert show), made for `model_dir` or the model `fingerprint`."""
     from depn_serve.artifacts.mask import MaskProvenance, NeuronMask, first_n, random_order
     from depn_serve.core.arch import mlp_shape, read_config
     from depn_serve.core.fingerprint import model_fingerprint
 
     shape = mlp_shape(read_config(model_dir))
     off = first_n(random_order(shape.dims, seed=seed), shape.num_layers * shape.intermediate_size // 10, shape.dims)
-    return NeuronMask.create(tenant, model_fingerprint(model_dir), shape, off, MaskProvenance(method="test"))
+    return NeuronMask.create(tenant, fingerprint or model_fingerprint(model_dir), shape, off,
+                             MaskProvenance(method="test"))
+
+
+def post_status(url: str, key: str, path: str, body: dict[str, Any]) -> int:
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Authorization", f"Bearer {key}")
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def substitute(expr: str, values: dict[str, str]) -> str:
@@ -287,28 +331,36 @@ def finite(result: list[dict[str, Any]]) -> bool:
 
 @pytest.mark.slow
 def test_dashboard_and_rules_return_data_from_a_real_prometheus(ci_testbed: Path, tmp_path: Path) -> None:
+    from depn_serve.core.fingerprint import ModelFingerprint
     from depn_serve.core.records import load_records
     from depn_serve.serving.client import AdminClient, AdminError
-    from depn_serve.serving.process import ServerProcess
-    from depn_serve.serving.server.tenants import TenantsConfig
+    from depn_serve.serving.process import SMALL_CPU_OPTIONS, ServerProcess
+    from depn_serve.serving.server.fleet import push_to_store
+    from depn_serve.serving.server.tenants import Limits, TenantsConfig
 
     tool("prometheus")  # before the server's minute of start-up
     model = ci_testbed / "model"
     config = TenantsConfig()
     keys = {tenant: config.add_tenant(tenant, [f"{tenant}-main"]) for tenant in TENANTS}
+    config.find(TENANTS[0]).limits = Limits(max_n=1)  # so that a request with n = 2 is limited (429)
     tenants_file = tmp_path / "tenants.yaml"
     config.save(tenants_file)
     token = tmp_path / "admin.token"
     token.write_text("admin-" + "x" * 32)
+    metrics_token = tmp_path / "metrics.token"  # Prometheus' own, as deploy/ sets it up
+    metrics_token.write_text("metrics-" + "y" * 32)
+    # --max-behind 1: a tenant the server cannot keep up with the store for is refused after a second, not 30.
+    options = ("--metrics-token-file", str(metrics_token), "--max-behind", "1", *SMALL_CPU_OPTIONS)
     server = ServerProcess(model, tenants_file, tmp_path / "store", token, tmp_path / "server.log",
-                           max_mask_slots=4, allow_unverified=True)
+                           vllm_options=options, max_mask_slots=4, allow_unverified=True)
     started = time.monotonic()
     server.start()
     prometheus = None
     try:
         instance = f"127.0.0.1:{server.port}"
+        assert http_status(server.url, None, path="/metrics") == 401  # so the scrapes below are the token's doing
         (tmp_path / "prometheus").mkdir()
-        prometheus = start_prometheus(tmp_path / "prometheus", instance)
+        prometheus = start_prometheus(tmp_path / "prometheus", instance, metrics_token)
         wait_for("a first scrape", lambda: [s for s in prometheus.query(f'up{{job="{JOB}"}}') if s["value"][1] == "1"])
         served = time.monotonic()
 
@@ -330,6 +382,8 @@ def test_dashboard_and_rules_return_data_from_a_real_prometheus(ci_testbed: Path
                 completions += 1
             assert http_status(server.url, None) == 401
             assert http_status(server.url, "depn_not-a-key") == 401
+            limited = {"model": server.model_id(keys[TENANTS[0]]), "prompt": prompts[round_], "max_tokens": 1, "n": 2}
+            assert post_status(server.url, keys[TENANTS[0]], "/v1/completions", limited) == 429
 
         one_round(0)
         wait_for("the first round to be scraped",
@@ -384,11 +438,34 @@ def test_dashboard_and_rules_return_data_from_a_real_prometheus(ci_testbed: Path
                 assert rule["health"] == "ok", f"{rule['name']}: {rule['health']} {rule.get('lastError')}"
         for rule in alert_rules():
             prometheus.query(rule["expr"])
-        # The state this run left: a rejected push (fires at once), unverified masks (pending for 10 minutes).
-        states = {alert["labels"]["alertname"]: alert["state"] for alert in prometheus.api("alerts")["alerts"]}
+
+        def alert_states() -> dict[str, str]:
+            return {alert["labels"]["alertname"]: alert["state"] for alert in prometheus.api("alerts")["alerts"]}
+
+        # The state this run left: a rejected push (fires at once), unverified masks (pending for 10 minutes), a
+        # tenant limit refusing a good share of the requests (pending for 15 minutes; its group evaluates on its own).
+        wait_for("the limited requests' alert", lambda: alert_states().get("DepnRequestsLimited") == "pending", 10)
+        states = alert_states()
         assert states.get("DepnMaskPushRejected") == "firing", states
         assert states.get("DepnUnverifiedMasksInUse") == "pending", states
-        assert "DepnServerDown" not in states and "DepnMaskPushFailed" not in states, states
+        assert states.get("DepnRequestsLimited") == "pending", states
+        assert {"DepnServerDown", "DepnMaskPushFailed", "DepnTenantsRefusedBehind", "DepnMaskSlotStale",
+                "DepnUntaggedRequestReachedModel"}.isdisjoint(states), states
+        limited = prometheus.query('instance_limit:depn_requests_limited:ratio_rate5m > 0')
+        assert [sample["metric"]["limit"] for sample in limited] == ["n"], limited
+
+        # A mask for another model written straight into the store: the server cannot apply it, keeps the tenant's
+        # previous mask for --max-behind, then refuses the tenant; the critical alert goes pending on it.
+        behind = TENANTS[1]
+        other_model = ModelFingerprint(config_sha256="0" * 64, mlp_sha256="0" * 64)
+        random_mask(model, behind, 7, fingerprint=other_model).save(tmp_path / "other-model.safetensors")
+        push_to_store(tmp_path / "store", tenants_file, behind, f"{behind}-main",
+                      (tmp_path / "other-model.safetensors").read_bytes())
+        wait_for("the refused tenant's alert", lambda: alert_states().get("DepnTenantsRefusedBehind") == "pending")
+        assert http_status(server.url, keys[behind]) == 503
+        assert admin.health().tenants_refused_behind == [behind]  # where the alert sends the operator
+        states = alert_states()
+        assert states.get("DepnTenantsBehindStore") == "pending", states
         print(f"server start and first scrape {served - started:.0f} s, traffic {traffic - served:.0f} s, "
               f"checked {len(queries)} queries (panels, recording rules and their series), "
               f"{len(alert_rules())} alerts; alert states: {states}")

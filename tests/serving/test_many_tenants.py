@@ -40,7 +40,7 @@ def engine(ci_testbed):
     from vllm import LLM
 
     llm = LLM(model=str(ci_testbed / "model"), dtype="float32", enforce_eager=True, seed=0, max_model_len=256,
-              gpu_memory_utilization=0.3, **depn_serve_patches.engine_kwargs(max_mask_slots=SLOTS))
+              gpu_memory_utilization=0.3, **depn_serve_patches.engine_kwargs(max_mask_slots=SLOTS, bench=True))
     yield llm
     del llm
     gc.collect()

@@ -38,7 +38,9 @@ def _engine_checks(testbed: str) -> None:
 
     model_dir = Path(testbed) / "model"
     dims = mlp_shape(read_config(model_dir)).dims
-    offs = {t: first_n(random_order(dims, seed), int(0.2 * dims[0] * dims[1]), dims)
+    # 40 % of the neurons: enough that the masks change 6-token answers (20 % changed none on the `ci` bed as built
+    # on some CPUs, and then the test would prove nothing).
+    offs = {t: first_n(random_order(dims, seed), int(0.4 * dims[0] * dims[1]), dims)
             for seed, t in enumerate(("acme", "globex"), start=11)}
     prompts = [r.prompt for r in load_records(Path(testbed) / "records.jsonl")][:2]
     asks = [(t, p) for t in (*offs, None) for p in prompts]

@@ -12,13 +12,19 @@ from depn_serve.serving.server.store import MaskStore, StoredMask, StoreError, p
 from depn_serve.serving.server.tenants import TenantsConfig
 
 
-def push_to_store(store: Path, tenants: Path, tenant: str, mask_id: str, data: bytes) -> tuple[StoredMask, int]:
-    """Store a mask for a tenant of the tenants file; (its entry, the store's new generation). The servers check
-    it against their model and certificate gate when they apply it, and keep the previous mask if it fails."""
+def push_to_store(store: Path, tenants: Path, tenant: str, mask_id: str, data: bytes,
+                  cross_tenant: bool = False) -> tuple[StoredMask, int]:
+    """Store a mask for a tenant of the tenants file; (its entry, the store's new generation). A mask made for
+    another tenant is refused unless `cross_tenant` (recorded with it). The servers check it against their model
+    and certificate gate when they apply it, and keep the previous mask if it fails."""
     found = _tenant(TenantsConfig.load(tenants), tenant, tenants)
     mask = parse_pushed(mask_id, data)
+    made_for = mask.manifest.made_for
+    if made_for not in (None, found.id) and not cross_tenant:
+        raise StoreError(f"mask {mask_id!r} is made for tenant {made_for!r}, not {found.id!r}: refused (to serve "
+                         f"{found.id!r} a mask made for another tenant, push it with --cross-tenant)")
     masks = MaskStore(store)
-    entry = masks.put(found.id, mask_id, data, mask, found.masks)
+    entry = masks.put(found.id, mask_id, data, mask, found.masks, cross_tenant)
     return entry, masks.index.generation
 
 

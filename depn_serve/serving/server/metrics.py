@@ -1,8 +1,10 @@
-"""Prometheus metrics, served on vLLM's own /metrics with a `depn_` prefix.
+"""Prometheus metrics, served on vLLM's own /metrics with a `depn_` prefix, to the metrics or the admin token only
+(they name tenants; see `http.py`).
 
-Tenant labels are bounded: the first `max_tenant_labels` tenants (in the order the server first sees them, which
-is the tenants file's order at start-up) get their own label value, later ones share `_other`. With thousands of
-tenants, keep the limit at what your Prometheus can hold and read per-tenant detail from `depn masks list`.
+Tenant labels are bounded everywhere, the routing info's lists included: the first `max_tenant_labels` tenants (in
+the order the server first sees them, which is the tenants file's order at start-up) get their own label value,
+later ones share `_other`. With thousands of tenants, keep the limit at what your Prometheus can hold and read
+per-tenant detail from `depn masks list`.
 Worker-side figures (slots, loads, evictions) are fetched from the workers when /metrics is scraped.
 
 With `--api-server-count N`, vLLM runs N API server processes and Prometheus' multiprocess mode: counters and the
@@ -17,6 +19,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from depn_serve.serving.request import mask_key
 
 OTHER = "_other"
 
@@ -46,6 +50,10 @@ class DepnMetrics:
             "depn_requests_refused", "Requests refused before reaching the engine, by HTTP status", ["reason"],
             registry=registry,
         )
+        self.limited = Counter(
+            "depn_requests_limited", "Requests refused with 429 by a tenant limit, by limit", ["limit"],
+            registry=registry,
+        )
         self.unverified = Gauge(
             "depn_unverified_masks_in_use",
             "Masks in use without a passing verification certificate (only with --allow-unverified)",
@@ -68,9 +76,15 @@ class DepnMetrics:
         self.behind = Gauge(
             "depn_tenants_behind_store", "Tenants served with their previous masks: the store's could not be applied",
             registry=registry, multiprocess_mode="max")
+        self.refused_behind = Gauge(
+            "depn_tenants_refused_behind", "Tenants behind the store for longer than the server allows: refused (503)",
+            registry=registry, multiprocess_mode="max")
         for outcome in ("accepted", "rejected", "failed"):  # at 0 from the start, so rates and alerts see the first
             self.pushes.labels(outcome)
+        for limit in ("in_flight", "n", "prompts", "tokens_per_minute"):
+            self.limited.labels(limit)
         self.worker_status: dict = {}
+        self.tenant_digests: dict[str, str] = {}  # tenant -> the mask hash it runs with, when the status was fetched
         self._waiting: dict[object, float] = {}  # requests in flight without a first token -> when they came
         self._tenant_of: dict[object, str] = {}  # requests in flight -> their tenant
         self.longest_wait = 0.0  # the longest any request waited for its first token, since start
@@ -142,22 +156,29 @@ class _WorkerCollector:
             ("evictions", "Resident masks evicted (LRU) to make room"),
             ("overflows", "Requests that found no free slot (should stay 0: the scheduler holds them back)"),
             ("untagged", "Steps in which a request without a tenant reached the model (deny row; should stay 0)"),
+            ("stale", "Requests that named a mask this worker no longer holds (deny row; should stay 0)"),
         ):
             yield CounterMetricFamily(f"depn_mask_slot_{name}", doc, value=status[name])
         # For routers, in the form of vLLM's `vllm:lora_requests_info`: which tenants' masks this replica holds and
         # serves now, so a router can prefer the replica that already holds a tenant's mask.
         running, waiting = self.metrics.tenants_in_flight()
+        resident = set(status["resident"])
+        holding = {t for t, digest in self.metrics.tenant_digests.items() if mask_key(t, digest) in resident}
         info = GaugeMetricFamily(
-            "depn_mask_requests_info", "Tenants whose masks are resident, running and waiting (value: time of scrape)",
+            "depn_mask_requests_info", "Tenants whose masks are resident, running and waiting (value: time of scrape; "
+            "tenants past --metrics-max-tenants show as _other)",
             labels=["resident_tenants", "running_tenants", "waiting_tenants", "max_mask_slots"])
-        info.add_metric([",".join(sorted(status["resident"])), ",".join(sorted(running)), ",".join(sorted(waiting)),
-                         str(status["slots"])], time.time())
+        info.add_metric([self._labels(holding), self._labels(running), self._labels(waiting), str(status["slots"])],
+                        time.time())
         yield info
+
+    def _labels(self, tenants: set[str]) -> str:
+        return ",".join(sorted({self.metrics.tenant_label(t) for t in tenants}))
 
 
 class _WaitCollector:
     """How long requests wait for their first token: queued for a mask slot (and the prefill). The scheduler bounds
-    the slot queue (`held_back`); these show the bound holds."""
+    the slot queue (`KeyQueues`); these show the bound holds."""
 
     def __init__(self, metrics: DepnMetrics):
         self.metrics = metrics

@@ -12,7 +12,7 @@ from pathlib import Path
 from depn_serve.core.arch import SERVABLE_MODEL_TYPES, mlp_shape, read_config
 from depn_serve.core.errors import DepnError
 from depn_serve.core.fingerprint import ModelFingerprint, config_digest, model_fingerprint
-from depn_serve.serving.server.api import read_admin_token
+from depn_serve.serving.server.api import read_admin_token, read_token
 from depn_serve.serving.server.state import StateSpec
 
 MANAGED_OPTIONS = ("--worker-extension-cls", "--additional-config", "--model")
@@ -33,6 +33,9 @@ def serve(
     allow_unverified: bool = False,
     max_mask_wait: float = 1.0,
     masks_from: Path | None = None,
+    criteria: dict | None = None,
+    max_behind: float = 30.0,
+    metrics_token_file: Path | None = None,
 ) -> None:
     import depn_serve_patches
 
@@ -56,8 +59,12 @@ def serve(
     spec = StateSpec(
         tenants=Path(tenants), mask_store=Path(mask_store), fingerprint=_mask_fingerprint(Path(model), masks_from),
         shape=mlp_shape(config), admin_token=read_admin_token(admin_token_file),
-        metrics_max_tenants=metrics_max_tenants, allow_unverified=allow_unverified,
+        metrics_max_tenants=metrics_max_tenants, allow_unverified=allow_unverified, criteria=dict(criteria or {}),
+        max_behind_s=max_behind,
+        metrics_token=read_token(metrics_token_file, "metrics token") if metrics_token_file else None,
     )
+    if spec.metrics_token == spec.admin_token:
+        raise ServeError("--metrics-token-file holds the admin token: give Prometheus a token of its own")
     if allow_unverified:
         logging.getLogger("depn_serve.serving").warning(
             "depn-serve: --allow-unverified: masks without a passing verification certificate will be served")

@@ -1,4 +1,5 @@
-"""Tenants and their credentials: who a request belongs to, and which masks it must run with.
+"""Tenants and their credentials: who a request belongs to, which masks it must run with, which LoRA adapters
+it may use and how much it may ask of a server; and the criteria a mask's certificate must meet.
 
 The tenants file is YAML validated by pydantic. It stores only SHA-256 hashes of API keys: keys are 256-bit
 random tokens, so a fast hash is enough (there is nothing to brute-force), and a leaked file reveals no key.
@@ -15,8 +16,9 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
+from depn_serve.artifacts.criteria import Criteria
 from depn_serve.core.errors import DepnError, one_line
 from depn_serve.core.fileio import atomic_write_text
 
@@ -25,10 +27,16 @@ KEY_PREFIX = "depn_"
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# Names the mask store's own files had (a tenant's directory there would replace its index), compared in lower case.
+RESERVED_IDS = frozenset({"index.json"})
 
 
 class TenantsError(DepnError):
     pass
+
+
+def is_reserved(tenant_id: str) -> bool:
+    return tenant_id.lower() in RESERVED_IDS
 
 
 def hash_key(key: str) -> str:
@@ -43,6 +51,22 @@ class ApiKey(BaseModel):
     created_at: datetime
 
 
+class Limits(BaseModel):
+    """What one tenant may ask of a server (each API server process counts its own); null: no limit. A request
+    beyond a limit is refused with 429, counted per limit in `depn_requests_limited_total`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_in_flight: int | None = Field(64, ge=1, description="API requests of the tenant in flight at once")
+    max_n: int | None = Field(16, ge=1, description="largest `n` (completions per prompt, or beam width) of a request")
+    max_prompts: int | None = Field(64, ge=1, description="prompts in one completion request (or items to score)")
+    tokens_per_minute: int | None = Field(None, ge=1, description="prompt and generated tokens over the last minute")
+
+    def over(self, override: Limits | None) -> Limits:
+        """These limits with the fields `override` sets (a tenant's own block over the file's)."""
+        return self if override is None else self.model_copy(update=override.model_dump(exclude_unset=True))
+
+
 class Tenant(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,7 +75,17 @@ class Tenant(BaseModel):
         default_factory=list, description="mask ids in the mask store; several = union"
     )
     allow_unmasked: bool = Field(False, description="may run with no mask at all (otherwise refused with 403)")
+    lora_adapters: list[str] = Field(default_factory=list, description=(
+        "the LoRA adapters (names given to `--lora-modules`) this tenant may use and see in /v1/models"))
+    limits: Limits | None = Field(None, description="this tenant's limits, over the file's `limits`")
     api_keys: list[ApiKey] = Field(default_factory=list)
+
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if is_reserved(value):
+            raise ValueError(f"{value!r} is a reserved name (reserved: {sorted(RESERVED_IDS)})")
+        return value
 
 
 class TenantsConfig(BaseModel):
@@ -61,6 +95,10 @@ class TenantsConfig(BaseModel):
     anonymous_tenant: str | None = Field(
         None, description="tenant used for requests without a key; unset = such requests get 401"
     )
+    criteria: Criteria | None = Field(None, description=(
+        "what a mask's certificate must demand at least (default: the product's targets); `depn serve`'s criteria "
+        "options override single fields"))
+    limits: Limits | None = Field(None, description="every tenant's limits (default: `Limits`' defaults)")
     tenants: list[Tenant] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -74,6 +112,10 @@ class TenantsConfig(BaseModel):
             raise ValueError("an API key hash appears twice")
         if self.anonymous_tenant is not None and self.anonymous_tenant not in ids:
             raise ValueError(f"anonymous_tenant {self.anonymous_tenant!r} is not a configured tenant")
+        shared = sorted({a for t in self.tenants for a in t.lora_adapters if
+                         sum(a in u.lora_adapters for u in self.tenants) > 1})
+        if shared:
+            raise ValueError(f"LoRA adapters {shared} belong to several tenants: an adapter belongs to one tenant")
         return self
 
     # --- files -------------------------------------------------------------------------------------------------
@@ -96,11 +138,19 @@ class TenantsConfig(BaseModel):
             raise TenantsError(one_line(exc, str(path))) from None
 
     def save(self, path: Path) -> None:
-        atomic_write_text(Path(path), yaml.dump(self.model_dump(mode="json"), Dumper=_DUMPER, sort_keys=False))
+        doc = self.model_dump(mode="json")
+        for part in (doc, *doc["tenants"]):  # unset optional blocks stay out of the file
+            for key in ("criteria", "limits"):
+                if part.get(key, 0) is None:
+                    del part[key]
+        atomic_write_text(Path(path), yaml.dump(doc, Dumper=_DUMPER, sort_keys=False))
 
     # --- use ---------------------------------------------------------------------------------------------------
     def find(self, tenant_id: str) -> Tenant | None:
         return next((t for t in self.tenants if t.id == tenant_id), None)
+
+    def limits_of(self, tenant: Tenant) -> Limits:
+        return (self.limits or Limits()).over(tenant.limits)
 
     def tenant(self, tenant_id: str) -> Tenant:
         """The tenant, or an error listing the configured ones (for operators: never shown to a tenant)."""

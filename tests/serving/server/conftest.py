@@ -55,7 +55,7 @@ class Workers:
             return [None]
         self.status_calls += 1
         await asyncio.sleep(0.01)  # an engine round trip: scrapes arriving meanwhile must wait for it, not add more
-        return [{"slots": 4, "resident": {}, "loads": 0, "evictions": 0, "overflows": 0, "untagged": 0}]
+        return [{"slots": 4, "resident": [], "loads": 0, "evictions": 0, "overflows": 0, "untagged": 0, "stale": 0}]
 
 
 @pytest.fixture
@@ -67,15 +67,19 @@ def world(tiny_model_dir, tmp_path):
     shape = mlp_shape(read_config(tiny_model_dir))
     fp = model_fingerprint(tiny_model_dir)
 
-    def mask(*neurons: int, certificate: str | None = "passed") -> bytes:
+    def mask(*neurons: int, certificate: str | None = "passed", tenant: str = "acme", made_for: str | None = None,
+             **certificate_options) -> bytes:
+        """A mask of `tenant`'s (certified as its isolation mask, so made for it, unless `certificate` is None)."""
         off = torch.zeros(shape.num_layers, shape.intermediate_size, dtype=torch.bool)
         off[0, list(neurons)] = True
-        made = NeuronMask.create("acme", fp, shape, off, MaskProvenance(method="test"))
-        return (made if certificate is None else certified(made, certificate == "passed")).to_bytes()
+        made = NeuronMask.create(tenant, fp, shape, off, MaskProvenance(method="test"), made_for=made_for)
+        if certificate is None:
+            return made.to_bytes()
+        return certified(made, certificate == "passed", **certificate_options).to_bytes()
 
-    def state(allow_unverified: bool = False) -> ServingState:
+    def state(allow_unverified: bool = False, **options) -> ServingState:
         s = ServingState(tmp_path / "tenants.yaml", MaskStore(tmp_path / "store"), fp, shape, ADMIN_TOKEN,
-                         DepnMetrics(CollectorRegistry()), allow_unverified)
+                         DepnMetrics(CollectorRegistry()), allow_unverified, **options)
         s.prepare()
         return s
 

@@ -8,9 +8,9 @@ Tests run in file order and share one server (restarted once, to check that mask
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
-import urllib.request
 
 import pytest
 import torch
@@ -251,8 +251,9 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 def test_metrics_show_the_counts(setup):
     target = setup["target"]
-    with urllib.request.urlopen(setup["server"].url + "/metrics") as r:
-        text = r.read().decode()
+    assert http_status(setup["server"].url, None, "/metrics") == 401  # they name tenants: not for strangers
+    assert http_status(setup["server"].url, setup["keys"][TENANT_B], "/metrics") == 403
+    text = setup["server"].metrics()
     neurons = NeuronMask.load(setup["mask"]).manifest.neuron_count
     assert _metric(text, "depn_requests_total", tenant=target) >= 20
     assert _metric(text, "depn_generated_tokens_total", tenant=TENANT_B) >= 20 * MAX_TOKENS
@@ -272,6 +273,67 @@ def test_metrics_show_the_counts(setup):
     assert target in labels["resident_tenants"].split(",") and labels["max_mask_slots"] == "4"
     assert labels["running_tenants"] == labels["waiting_tenants"] == ""  # nothing in flight between tests
     assert abs(float(info.group(2)) - time.time()) < 60
+
+
+def test_a_mask_made_for_another_tenant_is_refused_unless_the_operator_opts_in(setup, reference, ci_testbed,
+                                                                             tmp_path):
+    target = setup["target"]
+    foreign = _wide_mask(ci_testbed, target).made_for(TENANT_B)  # e.g. globex's isolation mask
+    path = tmp_path / "foreign.safetensors"
+    foreign.save(path)
+    result = _cli(setup, "push", "--tenant", target, "--mask", str(path), "--id", f"{target}-main")
+    assert result.exit_code != 0 and "400" in result.output, result.output
+    assert f"made for tenant '{TENANT_B}'" in result.output and f"'{target}'" in result.output
+    off = NeuronMask.load(setup["mask"]).off
+    prompt = _changed_prompt(setup, reference, off)
+    assert _complete(_client(setup, target), prompt) == _hf_text(reference, prompt, off)  # the old mask serves
+
+    result = _cli(setup, "push", "--tenant", target, "--mask", str(path), "--id", f"{target}-other", "--cross-tenant")
+    assert result.exit_code == 0, result.output
+    listing = json.loads(_cli(setup, "list", "--json").output)
+    masks = {m["id"]: m for t in listing["tenants"] if t["tenant"] == target for m in t["masks"]}
+    assert (masks[f"{target}-other"]["made_for"], masks[f"{target}-other"]["cross_tenant"]) == (TENANT_B, True)
+    assert (masks[f"{target}-main"]["made_for"], masks[f"{target}-main"]["cross_tenant"]) == (None, False)
+    assert _cli(setup, "drop", "--tenant", target, "--id", f"{target}-other").exit_code == 0
+
+
+def test_a_request_keeps_the_mask_it_was_admitted_with(setup, reference, ci_testbed, tmp_path):
+    """A push while a request generates: the request goes on with the mask it was admitted with (and salted its
+    prefix-cache blocks with), the next one gets the new mask."""
+    import threading
+
+    from depn_serve.serving.client import AdminClient
+
+    target, tokens = setup["target"], 200
+    off = NeuronMask.load(setup["mask"]).off
+    prompt = _changed_prompt(setup, reference, off)
+    wide = _wide_mask(ci_testbed, target)
+    wide.save(tmp_path / "wide.safetensors")
+    a = _client(setup, target)
+    model = a.models.list().data[0].id
+    ask = dict(model=model, prompt=prompt, max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True})
+    before = a.completions.create(**ask).choices[0].text
+
+    arrivals: list[tuple[float, str]] = []
+    first = threading.Event()
+
+    def read():
+        for chunk in a.completions.create(**ask, stream=True):
+            arrivals.append((time.monotonic(), chunk.choices[0].text))
+            first.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert first.wait(60)
+    AdminClient(setup["server"].url, setup["work"] / "admin.token").push(target, f"{target}-main",
+                                                                         tmp_path / "wide.safetensors")
+    pushed = time.monotonic()
+    reader.join(120)
+    assert sum(t > pushed for t, _ in arrivals) >= 10, "the request ended before the push: this proves nothing"
+    assert "".join(text for _, text in arrivals) == before
+    after = a.completions.create(**ask).choices[0].text
+    assert after != before  # the new mask is in force for new requests, and it changes this answer
+    assert _cli(setup, "push", "--tenant", target, "--mask", str(setup["mask"]), "--id", f"{target}-main").exit_code == 0
 
 
 def test_drop_refuses_the_tenant_and_restart_restores_masks(setup, reference):

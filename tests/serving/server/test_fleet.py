@@ -4,6 +4,7 @@ loopback."""
 
 import asyncio
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -77,11 +78,12 @@ def test_writers_in_several_processes_lose_no_change(world):
     assert sorted(p.name for p in (store / "acme").iterdir()) == ["m.v15.safetensors"]
 
 
-def test_a_stored_mask_a_server_cannot_apply_leaves_the_previous_one(world):
+def test_a_stored_mask_a_server_cannot_apply_leaves_the_previous_one_for_a_while(world):
     """Written straight into the store, a mask without a certificate: the server keeps serving the tenant's previous
-    mask, says so in /health's detail, the listing and the metric, and applies the store once it is fixed."""
+    mask, says so in the admin's health detail, the listing and the metric; past `max_behind_s` it refuses the
+    tenant (503) rather than serve a mask weaker than the store's; it applies the store once it is fixed."""
     make_state, mask, tmp_path = world
-    state, workers = make_state(), Workers()
+    state, workers = make_state(max_behind_s=0.3), Workers()
     tenants, store = tmp_path / "tenants.yaml", tmp_path / "store"
 
     async def run():
@@ -92,14 +94,22 @@ def test_a_stored_mask_a_server_cannot_apply_leaves_the_previous_one(world):
         await state.sync_store()
         assert workers.bound["acme"] == before and state.unions["acme"].digest == before[0]
         assert "certificate" in state.behind["acme"] and state.metrics.behind._value.get() == 1
-        assert state.health_detail()["tenants_behind_store"] == state.behind
+        assert state.health_detail().tenants_behind_store == state.behind
         listing = {t.tenant: t for t in (await state.listing()).tenants}
         assert listing["acme"].behind and not fleet_status({"a": await state.listing()}).converged
-        await state.sync_store()  # retried: still behind, still the previous mask
-        assert workers.bound["acme"] == before
+        await state.sync_store()  # retried: still behind, still the previous mask, still served for now
+        assert workers.bound["acme"] == before and state.admit("acme")
+        await asyncio.sleep(0.4)
+        await state.sync_store()
+        with pytest.raises(Refused) as refused:
+            state.admit("acme")
+        assert refused.value.status == 503 and state.metrics.refused_behind._value.get() == 1
+        assert state.health_detail().tenants_refused_behind == ["acme"]
+        assert {t.tenant: t for t in (await state.listing()).tenants}["acme"].refused_behind
         push_to_store(store, tenants, "acme", "acme-main", mask(5))
         await state.sync_store()
-        assert state.behind == {} and state.health_detail() is None and state.unions["acme"].neurons == 1
+        assert state.behind == {} and state.health_detail().status == "ok" and state.unions["acme"].neurons == 1
+        assert state.admit("acme") and state.metrics.refused_behind._value.get() == 0
         assert workers.bound["acme"][0] == state.unions["acme"].digest != before[0]
 
     asyncio.run(run())
@@ -153,7 +163,8 @@ def test_two_servers_on_one_store_converge_within_seconds(ci_testbed, tmp_path):
     config.save(tmp_path / "tenants.yaml")
     (tmp_path / "admin.token").write_text("admin-" + "f" * 32)
     servers = [ServerProcess(model_dir, tmp_path / "tenants.yaml", tmp_path / "store", tmp_path / "admin.token",
-                             tmp_path / f"server{i}.log", allow_unverified=True) for i in (1, 2)]
+                             tmp_path / f"server{i}.log", allow_unverified=True, depn_options=("--max-behind", "2"))
+               for i in (1, 2)]
     cli = CliRunner()
     token = ["--admin-token-file", str(tmp_path / "admin.token")]
     try:
@@ -173,10 +184,43 @@ def test_two_servers_on_one_store_converge_within_seconds(ci_testbed, tmp_path):
                                    "--wait", "5"])
         assert status.exit_code == 0 and "converged" in status.output and "main v2" in status.output, status.output
         with urllib.request.urlopen(servers[1].url + "/health", timeout=10) as health:
-            assert health.status == 200 and health.read() == b""  # nothing behind: vLLM's plain answer
+            assert health.status == 200 and health.read() == b""  # vLLM's plain answer
+
+        # A mask no server can apply (made for other weights), straight into the store: each serves the previous
+        # mask for --max-behind seconds, then refuses the tenant (503) rather than serve a mask weaker than the
+        # store's; the metric for the alert says so; a good mask brings it back.
+        other = tmp_path / "other.safetensors"
+        wrong = NeuronMask.create("acme", fp.model_copy(update={"mlp_sha256": "0" * 64}), shape, second[1],
+                                  MaskProvenance(method="random"))
+        wrong.save(other)
+        assert cli.invoke(main, ["masks", "push", "--store", str(tmp_path / "store"), "--tenants",
+                                 str(tmp_path / "tenants.yaml"), "--tenant", "acme", "--id", "main",
+                                 "--mask", str(other)]).exit_code == 0
+        time.sleep(0.5)
+        assert servers[0].complete(key, prompt, 8) == greedy(second[1], prompt)  # behind, within the bound
+        for server in servers:
+            assert _refused_within(server, key, prompt, seconds=6)
+            assert re.search(r"^depn_tenants_refused_behind 1\.0$", server.metrics(), re.M)
+        assert cli.invoke(main, ["masks", "push", "--store", str(tmp_path / "store"), "--tenants",
+                                 str(tmp_path / "tenants.yaml"), "--tenant", "acme", "--id", "main",
+                                 "--mask", first[0]]).exit_code == 0
+        for server in servers:
+            assert _answers_within(server, key, prompt, greedy(first[1], prompt), seconds=5)
     finally:
         for server in servers:
             server.stop()
+
+
+def _refused_within(server: ServerProcess, key: str, prompt: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            server.complete(key, prompt, 8)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 503:
+                return True
+        time.sleep(0.2)
+    return False
 
 
 def _answers_within(server: ServerProcess, key: str, prompt: str, expected: str, seconds: float) -> bool:

@@ -5,16 +5,21 @@ switched off:
 - `--data-parallel-size 2`: two engines, each with the whole model and every tenant's mask; a push reaches both,
   and requests sent at once are spread over both (vLLM's own balancer);
 - `--api-server-count 2`: two API server processes on one port, each with its own tenant state; a push answered by
-  one reaches the other through the mask store, and the metrics of both are summed on /metrics."""
+  one reaches the other through the mask store, and the metrics of both are summed on /metrics; an edit of the
+  tenants file that one process applies never makes the other bind the old file's masks (the workers' mask for the
+  tenant never goes back)."""
 
+import hashlib
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+
 import pytest
 import torch
 
-from depn_serve.artifacts.mask import MaskProvenance, NeuronMask
+from depn_serve.artifacts.mask import MaskProvenance, NeuronMask, pack_bits
 from depn_serve.core.arch import load_model, mlp_shape, read_config
 from depn_serve.core.fingerprint import model_fingerprint
 from depn_serve.core.records import load_records
@@ -69,7 +74,8 @@ def test_parallel_2_serves_each_tenant_its_mask(ci_testbed, tmp_path, monkeypatc
     (tmp_path / "admin.token").write_text("admin-" + "p" * 32)
     server = ServerProcess(model_dir, tmp_path / "tenants.yaml", tmp_path / "store", tmp_path / "admin.token",
                            tmp_path / "server.log", allow_unverified=True,
-                           vllm_options=(*SMALL_CPU_OPTIONS, *OPTIONS[parallel]))
+                           vllm_options=(*SMALL_CPU_OPTIONS, *OPTIONS[parallel]),
+                           env={"VLLM_SERVER_DEV_MODE": "1"} if parallel == "api" else None)
     try:
         server.start(timeout=600)
         admin = AdminClient(server.url, tmp_path / "admin.token")
@@ -86,6 +92,8 @@ def test_parallel_2_serves_each_tenant_its_mask(ci_testbed, tmp_path, monkeypatc
         for (tenant, prompt), answer in zip(asks, answers):
             assert answer == {**expected, "public": unmasked}[tenant][prompts.index(prompt)], (tenant, prompt)
         metrics = server.metrics()
+        if parallel == "api":
+            _an_edit_applied_by_one_process_is_never_undone_by_the_other(server, tmp_path, offs, keys, shape, fp)
     finally:
         server.stop()
     marker = {"tensor": "tensor_parallel_size=2,", "data": "(EngineCore_DP1 pid=",  # the 2nd engine
@@ -101,3 +109,44 @@ def test_parallel_2_serves_each_tenant_its_mask(ci_testbed, tmp_path, monkeypatc
         assert sum(v for _, v in _series(metrics, "depn_requests_total")) == len(asks)
         assert set(re.findall(r"\(ApiServer_(\d+) pid=\d+\)", (tmp_path / "server.log").read_text())) == {"0", "1"}
         assert _series(metrics, "depn_mask_slots") == [("", 64.0)]
+
+
+def _digest(off: torch.Tensor) -> str:
+    """The hash the workers key a tenant's mask by (`MaskUnion.digest`)."""
+    return hashlib.sha256(pack_bits(off).tobytes()).hexdigest()[:32]
+
+
+def _an_edit_applied_by_one_process_is_never_undone_by_the_other(server, tmp_path, offs, keys, shape, fp):
+    """acme runs with main + extra (pushed); the file is edited to extra only. One request reaches one process,
+    which applies the edit (acme follows the file again: a store change); the other follows that store change
+    within a second without having seen the edit. The workers' mask for acme, read through the admin-only
+    `/collective_rpc` (which reloads nothing), must never go back to the old file's `main` or to main + extra."""
+    extra = torch.rand(shape.dims, generator=torch.Generator().manual_seed(9)) < 0.2
+    NeuronMask.create("acme", fp, shape, extra, MaskProvenance(method="random")).save(tmp_path / "extra.safetensors")
+    AdminClient(server.url, tmp_path / "admin.token").push("acme", "extra", tmp_path / "extra.safetensors")
+    old, both, new = _digest(offs["acme"]), _digest(offs["acme"] | extra), _digest(extra)
+    admin = {"Authorization": f"Bearer {(tmp_path / 'admin.token').read_text()}"}
+
+    def bound() -> str:
+        answer = httpx.post(server.url + "/collective_rpc", json={"method": "depn_status"}, headers=admin, timeout=30)
+        return answer.json()["results"][0]["bound"]["acme"]
+
+    deadline = time.monotonic() + 10
+    while bound() != both:  # both processes bound the push
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    config = TenantsConfig.load(tmp_path / "tenants.yaml")
+    config.tenant("acme").masks = ["extra"]
+    config.save(tmp_path / "tenants.yaml")
+    server.complete(keys["public"], "Hello", 2)  # one process sees the edit
+    seen = []
+    for step in range(60):
+        seen.append(bound())
+        if step == 30:  # then requests through both
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda _: server.complete(keys["acme"], "Hello", 2), range(8)))
+        time.sleep(0.1)
+    assert new in seen, seen
+    after = seen[seen.index(new):]
+    assert set(after) == {new}, f"the workers went back to an older mask: {after}"
+    assert old not in seen

@@ -104,7 +104,39 @@ def test_an_unverified_stored_mask_is_quarantined_unless_allowed(files, tiny_mod
 
     result = _serve(files, tiny_model_dir, "--allow-unverified")
     assert result.exit_code == 0, result.output
-    assert handed_over[-1].allow_unverified and handed_over[-1]._planned["acme"].problem is None
+    assert handed_over[-1].gate.allow_unverified and handed_over[-1]._planned["acme"].problem is None
+
+
+def test_the_server_holds_its_own_criteria(files, tiny_model_dir, handed_over):
+    from depn_serve.artifacts.criteria import Criteria
+
+    assert _serve(files, tiny_model_dir).exit_code == 0
+    assert handed_over[-1].gate.criteria == Criteria()  # the product's
+    config = TenantsConfig.load(files / "tenants.yaml")
+    config.criteria = Criteria(max_rate=0.05, min_keep_ratio=0.5)
+    config.save(files / "tenants.yaml")
+    result = _serve(files, tiny_model_dir, "--require-max-rate", "0.02")
+    assert result.exit_code == 0, result.output
+    assert handed_over[-1].gate.criteria == Criteria(max_rate=0.02, min_keep_ratio=0.5)  # the command line wins
+    (files / "metrics.token").write_text("a" * 24)  # the admin token
+    result = _serve(files, tiny_model_dir, "--metrics-token-file", str(files / "metrics.token"))
+    assert result.exit_code != 0 and "a token of its own" in result.output
+
+
+@pytest.mark.parametrize("option, env, message", [
+    (["--speculative-config", '{"method": "draft_model", "model": "/x", "num_speculative_tokens": 2}'], {},
+     "draft model runs without the tenant's mask"),
+    (["--speculative-config", '{"method": "eagle3", "model": "/x", "num_speculative_tokens": 2}'], {},
+     "draft model runs without the tenant's mask"),
+    ([], {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}, "runtime LoRA loading is refused"),
+])
+def test_vllm_options_that_bypass_the_tenant_model_are_refused(files, tiny_model_dir, handed_over, monkeypatch,
+                                                              option, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = _serve(files, tiny_model_dir, *option)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert not handed_over
 
 
 def test_masks_from_must_be_the_same_model_apart_from_quantization(files, tiny_model_dir, tmp_path, handed_over):

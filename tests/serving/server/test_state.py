@@ -9,7 +9,9 @@ import signal
 
 import pytest
 
-from depn_serve.artifacts.mask import NeuronMask
+from depn_serve.artifacts.mask import NeuronMask, pack_bits
+from depn_serve.artifacts.criteria import Criteria
+from depn_serve.core.selectors import MaskPolicy
 from depn_serve.serving.server.state import Refused
 from depn_serve.serving.server.tenants import TenantsConfig
 from tests.serving.server.conftest import Workers, at_step
@@ -147,6 +149,118 @@ def test_the_gate_refuses_masks_without_a_passing_certificate(world):
     with pytest.raises(Refused) as refused:
         asyncio.run(state.push("acme", "acme-main", forged))
     assert "verification.mask_sha256" in refused.value.message
+
+
+def test_a_mask_made_for_another_tenant_is_refused_unless_the_operator_opts_in(world):
+    """globex's isolation mask keeps globex's records and forgets acme's: pushed for acme by a mistyped flag, it
+    would serve acme exactly the leak the product exists to stop."""
+    make_state, mask, tmp_path = world
+    state, workers = make_state(), Workers()
+    asyncio.run(state.start(workers))
+    globex_isolation = mask(1, tenant="globex")
+    assert NeuronMask.from_bytes(globex_isolation).manifest.made_for == "globex"
+    with pytest.raises(Refused) as refused:
+        asyncio.run(state.push("acme", "acme-main", globex_isolation))
+    assert refused.value.status == 400 and "made for tenant 'globex'" in refused.value.message
+    assert "'acme'" in refused.value.message and "--cross-tenant" in refused.value.message
+    assert state.store.index.entry("acme", "acme-main") is None and "acme" not in workers.bound
+
+    pushed = asyncio.run(state.push("acme", "acme-main", globex_isolation, cross_tenant=True))
+    assert "made for tenant 'globex', served to 'acme' by the operator's choice" in pushed.verification
+    (listed,) = {t.tenant: t for t in asyncio.run(state.listing()).tenants}["acme"].masks
+    assert (listed.made_for, listed.cross_tenant) == ("globex", True) and state.admit("acme")
+    restarted = make_state()  # the opt-in is recorded with the stored mask: a restart serves it too
+    asyncio.run(restarted.start(Workers()))
+    assert restarted.admit("acme")
+
+    # A mask made for no tenant in particular (`depn aggregate` without --for) serves any tenant, and says so.
+    anyone = mask(2, tenant="globex", policy=MaskPolicy(tenant="globex", forget=("tenant=initech",)))
+    assert NeuronMask.from_bytes(anyone).manifest.made_for is None
+    asyncio.run(state.push("acme", "acme-main", anyone))
+    assert {t.tenant: t for t in asyncio.run(state.listing()).tenants}["acme"].masks[0].made_for is None
+
+    # A foreign mask already in the store without the opt-in (written before the check) quarantines its tenant.
+    state.store.put("acme", "acme-main", globex_isolation, NeuronMask.from_bytes(globex_isolation), [])
+    stale = make_state()
+    asyncio.run(stale.start(Workers()))
+    assert "made for tenant 'globex'" in stale.unions["acme"].problem
+    with pytest.raises(Refused) as refused:
+        stale.admit("acme")
+    assert refused.value.status == 503
+
+
+def test_the_server_judges_certificates_by_its_own_criteria(world):
+    """A certificate carries the criteria its maker chose: `--max-rate 1 --max-perplexity-increase 100` on a
+    one-neuron mask passes by its own criteria, not by the server's."""
+    make_state, mask, tmp_path = world
+    state = make_state()
+    asyncio.run(state.start(Workers()))
+    lax = Criteria(max_rate=1, max_perplexity_increase=100)
+    attempts = {
+        "criteria weaker than required: max_rate 1 (> the required 0.01), max_perplexity_increase 100 (> the "
+        "required 0.01)":
+            mask(1, criteria=lax),
+        "zero-leak attacks ['paraphrase', 'substitution'] not required":
+            mask(1, criteria=Criteria(zero=("greedy", "context"))),
+        "attacks never run: ['context', 'substitution']": mask(1, attacks=("greedy", "beam")),
+        "policy forgets ['tenant=globex'], not every record of every tenant but 'acme'":
+            mask(1, made_for="acme", policy=MaskPolicy(tenant="acme", forget=("tenant=globex",))),
+    }
+    for why, data in attempts.items():
+        assert NeuronMask.from_bytes(data).manifest.verification.passed  # each passes by its own criteria
+        with pytest.raises(Refused) as refused:
+            asyncio.run(state.push("acme", "acme-main", data))
+        assert refused.value.status == 400 and "falls short of this server's criteria" in refused.value.message
+        assert why in refused.value.message, refused.value.message
+    assert state.store.index.entry("acme", "acme-main") is None
+
+    # The operator may require less (the tenants file, or the command line): then the lax certificate passes, and
+    # the listing shows the criteria the server requires and those each mask was judged by.
+    config = TenantsConfig.load(tmp_path / "tenants.yaml")
+    config.criteria = Criteria(max_rate=1, max_perplexity_increase=100)
+    config.save(tmp_path / "tenants.yaml")
+    asyncio.run(state.push("acme", "acme-main", mask(1, criteria=lax)))
+    listing = asyncio.run(state.listing())
+    assert listing.criteria == config.criteria and listing.tenants[0].masks[0].criteria == lax
+    strict = make_state(criteria={"max_rate": 0.01})  # the command line over the file: the stored mask falls short
+    asyncio.run(strict.start(Workers()))
+    assert "falls short of this server's criteria" in strict.unions["acme"].problem
+
+
+def test_every_bind_decision_uses_the_current_tenants_file_and_store(world):
+    """Two API server processes (two states) bind into the same workers. One applies an edit of the tenants file;
+    the other, which has not seen the edit, must not bind the old file's masks when it follows the store; and a
+    push through a process that missed another's push binds the union of both."""
+    make_state, mask, tmp_path = world
+    workers = Workers()  # one engine behind both processes
+    a, b = make_state(), make_state()
+    path = tmp_path / "tenants.yaml"
+
+    def bits(*neurons: int) -> bytes:
+        return NeuronMask.from_bytes(mask(*neurons)).to_bytes()
+
+    async def run():
+        await a.start(workers)
+        await b.start(workers)
+        await a.push("acme", "acme-main", mask(1))
+        await a.push("acme", "acme-extra", mask(2))
+        await b.sync_store()
+        config = TenantsConfig.load(path)
+        config.tenant("acme").masks = ["acme-extra"]
+        config.save(path)
+        await a.refresh_tenants()  # a request reached `a`: the file applies, acme follows it again
+        new = workers.bound["acme"][0]
+        assert a.unions["acme"].mask_ids == ("acme-extra",) and new == a.unions["acme"].digest
+        await b.sync_store()  # `b` follows the store's change without having served a request since the edit
+        assert workers.bound["acme"][0] == new and b.unions["acme"].digest == new
+
+        await b.push("acme", "acme-third", mask(3))
+        await a.push("acme", "acme-fourth", mask(4))  # `a` has not followed b's push yet
+        assert a.unions["acme"].mask_ids == ("acme-extra", "acme-third", "acme-fourth")
+        assert workers.bound["acme"][1] == pack_bits(a.unions["acme"].off).tobytes()
+        assert a.unions["acme"].neurons == 3
+
+    asyncio.run(run())
 
 
 def test_allow_unverified_serves_and_counts_unverified_masks(world):

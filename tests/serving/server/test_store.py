@@ -6,16 +6,19 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from depn_serve.artifacts.mask import MaskProvenance, NeuronMask
 from depn_serve.core.arch import mlp_shape, read_config
 from depn_serve.core.errors import DepnError
 from depn_serve.core.fingerprint import model_fingerprint
-from depn_serve.serving.server.store import INDEX_NAME, MaskStore, StoreError
+from depn_serve.serving.server.store import INDEX_NAME, LEGACY_INDEX_NAME, LOCK_NAME, MaskStore, StoreError
+from depn_serve.serving.server.tenants import ID_PATTERN, TenantsConfig, TenantsError
 from tests.serving.server.conftest import at_step
 
 
@@ -43,7 +46,7 @@ def test_a_format_1_store_moves_to_per_tenant_ids(tmp_path, make_mask):
     spare, _ = make_mask(2, tenant="initech")
     (tmp_path / "shared.safetensors").write_bytes(shared)
     (tmp_path / "spare.safetensors").write_bytes(spare)
-    (tmp_path / INDEX_NAME).write_text(json.dumps({
+    (tmp_path / LEGACY_INDEX_NAME).write_text(json.dumps({
         "masks": {"shared": _entry(shared, 3), "spare": _entry(spare, built_for="initech")},
         "bindings": {"acme": ["shared"]}}))  # "bindings": the key's name before 0.2
     store = MaskStore(tmp_path)
@@ -55,15 +58,43 @@ def test_a_format_1_store_moves_to_per_tenant_ids(tmp_path, make_mask):
         assert store.load(tenant, mask_id).manifest.neuron_count == 1
     assert store.index.tenant_masks == {"acme": ["shared"]}
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
-        ".lock", "acme", "acme/shared.v3.safetensors", "globex", "globex/shared.v3.safetensors", "index.json",
+        ".lock", "_index.json", "acme", "acme/shared.v3.safetensors", "globex", "globex/shared.v3.safetensors",
         "initech", "initech/spare.v1.safetensors"]
-    assert json.loads((tmp_path / INDEX_NAME).read_text())["format_version"] == 2
+    assert json.loads((tmp_path / INDEX_NAME).read_text())["format_version"] == 3
     assert MaskStore(tmp_path).index == store.index
 
 
+def test_a_format_2_store_moves_its_index_where_no_tenant_can_reach(tmp_path, make_mask):
+    data, _ = make_mask(1)
+    (tmp_path / "acme").mkdir()
+    (tmp_path / "acme" / "m.v1.safetensors").write_bytes(data)
+    (tmp_path / LEGACY_INDEX_NAME).write_text(json.dumps({"format_version": 2, "generation": 4,
+                                                          "masks": {"acme": {"m": _entry(data)}}}))
+    store = MaskStore(tmp_path)
+    assert store.load("acme", "m").manifest.neuron_count == 1 and store.index.generation == 5
+    assert not (tmp_path / LEGACY_INDEX_NAME).exists()
+    assert json.loads((tmp_path / INDEX_NAME).read_text())["format_version"] == 3
+
+
+def test_no_tenant_id_reaches_the_stores_own_files(tmp_path, make_mask):
+    """A tenant named `index.json` once turned a store's index into its directory and stopped every replica."""
+    for own in (INDEX_NAME, LEGACY_INDEX_NAME, LOCK_NAME):
+        assert own == LEGACY_INDEX_NAME or re.fullmatch(ID_PATTERN, own) is None  # no valid id is their name
+    data, mask = make_mask(1)
+    for reserved in ("index.json", "INDEX.json"):
+        with pytest.raises(StoreError, match="reserved"):
+            MaskStore(tmp_path).put(reserved, "m", data, mask, [])
+        config = TenantsConfig()
+        with pytest.raises(ValidationError, match="reserved"):
+            config.add_tenant(reserved, [])
+        with pytest.raises(TenantsError, match="reserved"):
+            TenantsConfig.parse(f"tenants:\n  - id: {reserved}\n".encode(), tmp_path / "tenants.yaml")
+    assert MaskStore(tmp_path).index.generation == 0 and sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
+
+
 def test_bad_indexes_ids_and_files_are_refused(tmp_path, make_mask):
-    (tmp_path / INDEX_NAME).write_text(json.dumps({"format_version": 2, "masks": {"acme": {"m": _entry(b"", 0)}}}))
-    with pytest.raises(StoreError, match=r"index.json: field 'masks.acme.m.version'") as err:
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"format_version": 3, "masks": {"acme": {"m": _entry(b"", 0)}}}))
+    with pytest.raises(StoreError, match=r"_index.json: field 'masks.acme.m.version'") as err:
         MaskStore(tmp_path)
     assert isinstance(err.value, DepnError)
     (tmp_path / INDEX_NAME).write_bytes(b'{"masks": "\xff"}')
@@ -106,7 +137,7 @@ def test_opening_sweeps_what_a_crash_left(tmp_path, make_mask):
     (tmp_path / "ghost").mkdir()
     MaskStore(tmp_path)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
-        ".lock", "acme", "acme/m.v1.safetensors", "index.json"]
+        ".lock", "_index.json", "acme", "acme/m.v1.safetensors"]
 
 
 def _state(root) -> tuple:
@@ -130,7 +161,8 @@ def test_kill_9_at_every_step_leaves_the_old_or_the_new_state(tmp_path, make_mas
         if change == "migrate":  # a format-1 store, as 0.1 wrote it
             root.mkdir()
             (root / "m.safetensors").write_bytes(v1)
-            (root / INDEX_NAME).write_text(json.dumps({"masks": {"m": _entry(v1)}, "tenant_masks": {"acme": ["m"]}}))
+            (root / LEGACY_INDEX_NAME).write_text(json.dumps({"masks": {"m": _entry(v1)},
+                                                              "tenant_masks": {"acme": ["m"]}}))
         else:
             MaskStore(root).put("acme", "m", v1, m1, ["m"])
 

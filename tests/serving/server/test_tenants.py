@@ -31,6 +31,31 @@ def test_add_stores_only_the_hash_and_authenticates(tmp_path):
     assert TenantsConfig.load(path).authenticate(key).id == "acme"  # the file was left as it was
 
 
+def test_adapters_limits_and_criteria_in_the_file(tmp_path):
+    path = tmp_path / "tenants.yaml"
+    runner = CliRunner()
+    add = ["tenants", "add", "--config", str(path), "--allow-unmasked"]
+    assert runner.invoke(main, [*add, "--tenant", "acme", "--lora-adapter", "acme-style"]).exit_code == 0
+    res = runner.invoke(main, [*add, "--tenant", "globex", "--lora-adapter", "acme-style"])
+    assert res.exit_code != 0 and "taken already: {'acme-style': 'acme'}" in res.output
+    assert "LoRA: acme-style" in runner.invoke(main, ["tenants", "list", "--config", str(path)]).output
+    doc = yaml.safe_load(path.read_text())
+    assert "limits" not in doc and "criteria" not in doc  # unset blocks stay out of the file
+    doc["limits"] = {"max_n": 4, "tokens_per_minute": 1000}
+    doc["tenants"][0]["limits"] = {"max_n": None}
+    doc["criteria"] = {"max_rate": 0.05}
+    path.write_text(yaml.safe_dump(doc))
+    config = TenantsConfig.load(path)
+    acme = config.tenant("acme")
+    assert config.limits_of(acme).max_n is None and config.limits_of(acme).tokens_per_minute == 1000
+    assert config.limits_of(acme).max_in_flight == 64 and config.criteria.max_rate == 0.05
+    config.save(path)
+    assert TenantsConfig.load(path).limits_of(acme).max_n is None  # an explicit "no limit" survives a save
+    doc["tenants"].append({"id": "globex", "lora_adapters": ["acme-style"]})
+    with pytest.raises(TenantsError, match="belong to several tenants"):
+        TenantsConfig.parse(yaml.safe_dump(doc).encode(), path)
+
+
 def test_keys_rotate_and_revoke_and_tenants_go(tmp_path):
     runner = CliRunner()
     path = tmp_path / "tenants.yaml"

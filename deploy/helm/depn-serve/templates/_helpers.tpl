@@ -38,6 +38,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- .Values.adminToken.existingSecret | default (printf "%s-admin-token" (include "depn-serve.fullname" .)) }}
 {{- end }}
 
+{{- define "depn-serve.metricsTokenSecret" -}}
+{{- .Values.metricsToken.existingSecret | default (printf "%s-metrics-token" (include "depn-serve.fullname" .)) }}
+{{- end }}
+
 {{- define "depn-serve.maskClaim" -}}
 {{- .Values.maskStore.existingClaim | default (printf "%s-masks" (include "depn-serve.fullname" .)) }}
 {{- end }}
