@@ -59,9 +59,19 @@ def test_budgeted_mask_is_the_smallest_prefix_that_protects(ci_testbed, ci_mask)
     off, report = _search(ci_testbed / "model", records, valid, order, target=29.0, budget=20.0)
     print(report.model_dump_json(indent=1, exclude={"records"}))
     points = {p.neurons: p for p in report.points}
-    assert report.all_protected and report.ppl_change_pct <= 20.0 and int(off.sum()) == report.neurons > 0
-    smaller = points.get(report.neurons - 1)
-    assert report.neurons == 1 or (smaller is not None and smaller.protected < len(records))
+    within = [p for p in report.points if p.within_budget]
+    assert int(off.sum()) == report.neurons > 0 and report.ppl_change_pct <= 20.0
+    # Whether all six can be protected within +20 % depends on the bed, whose weights differ in their last bits
+    # between CPUs: on one host's bed they are, on another's one stays above 29 bits at 256 neurons. The search
+    # must be right either way, and protect most of them.
+    if report.all_protected:  # the smallest prefix that protects them all
+        smaller = points.get(report.neurons - 1)
+        assert report.neurons == 1 or (smaller is not None and smaller.protected < len(records))
+    else:  # no size within the budget protects them all; the largest within it is kept, and says what still leaks
+        assert report.unprotected and all(p.protected < len(records) for p in within)
+        assert report.neurons == max(p.neurons for p in within)
+        assert report.neurons == report.candidates or any(p.neurons > report.neurons for p in report.points)
+    assert len(records) - len(report.unprotected) > len(records) / 2
 
 
 def test_budgeted_mode_needs_all_its_options(tmp_path):

@@ -218,7 +218,7 @@ def _size(route: str, body: bytes) -> tuple[int, int]:
     answers that with 400 itself)."""
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
         return 1, 1
     if not isinstance(doc, dict):
         return 1, 1
@@ -235,7 +235,7 @@ def _own_models(body: bytes, adapters: set[str]) -> bytes:
     """vLLM's model list without the LoRA adapters of other tenants (an adapter is a model with a parent)."""
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return body  # not vLLM's list (it is JSON): nothing in it to filter
     if not isinstance(doc, dict):
         return body

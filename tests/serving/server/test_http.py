@@ -162,6 +162,7 @@ def test_tenant_limits_answer_429_before_the_engine(call, world):
     assert request("POST", "/v1/completions", key, json=ok)[::2] == (200, "public")
     assert json.loads(request.reached[-1]["body"]) == ok  # the body read for the check reaches vLLM whole
     assert request("POST", "/v1/completions", key, json=[[1, 2, 3, 4, 5]])[0] == 200  # not vLLM's shape: vLLM says
+    assert request("POST", "/v1/chat/completions", key, content=b"[" * 100_000)[0] == 200  # nested past the stack
     for body, limit in (({"prompt": ["a"] * 4}, "prompts"), ({"prompt": "a", "n": 5}, "n"),
                         ({"prompt": "a", "best_of": 9}, "n"), ({"items": [[1]] * 4}, "prompts")):
         route = "/generative_scoring" if "items" in body else "/v1/completions"
